@@ -1,0 +1,95 @@
+"""What every long-running service shares: logs, a stop signal, and an HTTP port with /healthz and /metrics.
+
+A service is a class with ``run(stop: threading.Event)`` that returns when ``stop`` is set, and a ``health()``
+that returns ``(ok, details)``. :func:`serve` runs one in the foreground with SIGTERM/SIGINT handling (used by
+``python -m cloud <service>``); the demo runs several in threads of one process with a shared stop event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    name: str
+
+    def run(self, stop: threading.Event) -> None: ...
+
+    def health(self) -> tuple[bool, dict]: ...
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class OpsServer:
+    """/healthz (200 or 503 with JSON details) and /metrics (Prometheus text) for the given services."""
+
+    def __init__(self, services: list[Service], host: str = "127.0.0.1", port: int = 0):
+        services_ref = services
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path == "/metrics":
+                    body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+                elif self.path in ("/healthz", "/health"):
+                    results = {s.name: s.health() for s in services_ref}
+                    ok = all(r[0] for r in results.values())
+                    body = json.dumps({"ok": ok, "services": {n: {"ok": r[0], **r[1]} for n, r in results.items()}},
+                                      default=str).encode()
+                    ctype, code = "application/json", 200 if ok else 503
+                else:
+                    body, ctype, code = b'{"error":"not found"}', "application/json", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes every few seconds would drown the service's own log
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
+
+    def start(self) -> "OpsServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def serve(service: Service, host: str = "127.0.0.1", ops_port: int = 0) -> int:
+    """Run one service in the foreground until SIGTERM/SIGINT; returns the process exit status."""
+    stop = threading.Event()
+    install_stop_signals(stop)
+    ops = OpsServer([service], host, ops_port).start()
+    log.info("%s: health and metrics on http://%s:%d/healthz and /metrics", service.name, host, ops.port)
+    try:
+        service.run(stop)
+    finally:
+        ops.stop()
+    log.info("%s stopped", service.name)
+    return 0
