@@ -32,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cloud",
         description="IoT platform services. Configuration comes from IOT_* environment variables "
                     "(see README.md); without any, the embedded profile is used.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="services:\n" + "\n".join(f"  {name:<11} {text}" for name, text in SERVICES.items()),
     )
     sub = parser.add_subparsers(dest="command", metavar="<service>")
     demo = sub.add_parser("demo", help=SERVICES["demo"])
