@@ -10,16 +10,47 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+                        UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python, on every database.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are converted to UTC and stored naive (so
+    string comparison orders them correctly) and come back as aware UTC datetimes, so code never mixes naive and
+    aware values. A naive value passed in is taken to be UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        else:
+            value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
 
 
 class Tenant(Base):
@@ -68,7 +99,16 @@ class Device(Base):
 
 
 class Telemetry(Base):
-    """One reading. (device_id, boot, seq) identifies it, so redeliveries and replays are stored once."""
+    """One reading. (device_id, boot, seq) identifies it, so redeliveries and replays are stored once.
+
+    PostgreSQL: the table is range-partitioned by ``ts`` (one partition per UTC day, see
+    :mod:`cloud.db.maintenance`). A partitioned table's primary key must contain the partition key, so the
+    physical key there is (device_id, boot, seq, ts). That is still a key for the *reading* because ``ts`` is a
+    deterministic function of the message: the device clock when the device is synced, and otherwise an estimate
+    derived from the (device, boot) anchor in :class:`DeviceBoot` plus the reading's uptime -- the same value on
+    every redelivery and replay (see :mod:`cloud.writer`). SQLite: an ordinary table whose primary key is
+    (device_id, boot, seq). The ORM maps the logical key (device_id, boot, seq) on both.
+    """
     __tablename__ = "telemetry"
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     boot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -81,6 +121,8 @@ class Telemetry(Base):
     p: Mapped[float | None] = mapped_column(Float, default=None)
     rssi: Mapped[int | None] = mapped_column(Integer, default=None)
     up: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # True when ts is the cloud's estimate (device clock unsynced or implausible), not the device clock
+    ts_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         Index("ix_telemetry_device_ts", "device_id", "ts"),
@@ -109,7 +151,12 @@ class Rule(Base):
     on_clear: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (UniqueConstraint("tenant_id", "device_id", "name", name="uq_rules_scope_name"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "device_id", "name", name="uq_rules_scope_name"),
+        # NULLs are distinct in a unique constraint: tenant-wide rules (device_id NULL) need their own index
+        Index("uq_rules_tenant_default_name", "tenant_id", "name", unique=True,
+              postgresql_where=text("device_id IS NULL"), sqlite_where=text("device_id IS NULL")),
+    )
 
 
 class Alarm(Base):
@@ -128,6 +175,8 @@ class Alarm(Base):
     acknowledged_by: Mapped[str | None] = mapped_column(String(254), default=None)
     cleared_at: Mapped[datetime | None] = mapped_column(default=None)
 
+    __table_args__ = (Index("ix_alarms_tenant_raised", "tenant_id", "raised_at"),)
+
 
 class Command(Base):
     __tablename__ = "commands"
@@ -145,3 +194,62 @@ class Command(Base):
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_commands_device_created", "device_id", "created_at"),)
+
+
+class DeviceBoot(Base):
+    """The time anchor of one boot of one device: the estimated wall-clock time the device booted.
+
+    Written once (insert-if-absent) when the first reading of a boot arrives without a usable device clock:
+    ``booted_at = receive time - uptime``. Every later reading of that boot without a clock gets
+    ``ts = booted_at + up`` -- deterministic, so redelivered and replayed readings get the same ``ts`` and
+    therefore the same (partitioned) primary key.
+    """
+    __tablename__ = "device_boots"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    boot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    booted_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class _RollupColumns:
+    """Per-bucket aggregates of one device. Sums and counts (not averages) are stored so the writer can add
+    new readings incrementally; ``avg = sum / n`` per metric (each metric has its own count because a reading
+    may carry only some of t, h, p)."""
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)  # start of the minute / hour (UTC)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)  # readings in the bucket
+    t_n: Mapped[int] = mapped_column(BigInteger, default=0)
+    t_sum: Mapped[float | None] = mapped_column(Float, default=None)
+    t_min: Mapped[float | None] = mapped_column(Float, default=None)
+    t_max: Mapped[float | None] = mapped_column(Float, default=None)
+    h_n: Mapped[int] = mapped_column(BigInteger, default=0)
+    h_sum: Mapped[float | None] = mapped_column(Float, default=None)
+    h_min: Mapped[float | None] = mapped_column(Float, default=None)
+    h_max: Mapped[float | None] = mapped_column(Float, default=None)
+    p_n: Mapped[int] = mapped_column(BigInteger, default=0)
+    p_sum: Mapped[float | None] = mapped_column(Float, default=None)
+    p_min: Mapped[float | None] = mapped_column(Float, default=None)
+    p_max: Mapped[float | None] = mapped_column(Float, default=None)
+
+    def avg(self, metric: str) -> float | None:
+        count = getattr(self, f"{metric}_n")
+        total = getattr(self, f"{metric}_sum")
+        return total / count if count and total is not None else None
+
+
+class Telemetry1m(_RollupColumns, Base):
+    """One-minute roll-up, maintained incrementally by the writer in the same transaction as the raw rows."""
+    __tablename__ = "telemetry_1m"
+    __table_args__ = (Index("ix_telemetry_1m_tenant_bucket", "tenant_id", "bucket"),)
+
+
+class Telemetry1h(_RollupColumns, Base):
+    """One-hour roll-up, maintained incrementally by the writer in the same transaction as the raw rows."""
+    __tablename__ = "telemetry_1h"
+    __table_args__ = (Index("ix_telemetry_1h_tenant_bucket", "tenant_id", "bucket"),)
+
+
+ROLLUPS = {"1m": Telemetry1m, "1h": Telemetry1h}
