@@ -59,7 +59,7 @@ up: deps kafka venv firmware-deps web-assets
 
 # --- a physical ESP32 ------------------------------------------------------------------------------------------
 flash: venv
-	$(PY) tools/flash.py --port $(PORT)
+	$(PY) tools/flash.py --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
 console: venv
 	$(VENV)/bin/mpremote connect $(PORT) repl
