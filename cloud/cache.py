@@ -1,0 +1,306 @@
+"""Latest values per device and live events per tenant: Redis in production, process memory in the demo.
+
+The cache is never the source of truth (PostgreSQL is). Every Redis call is guarded: when Redis is down the
+writer carries on (the failure is logged at most every few seconds and counted in
+``iot_cache_errors_total``), reads return empty results (the web tier then reads the database), and the hashes
+fill again with the next readings. After a failure Redis is not tried again for ``retry_after`` seconds, so an
+outage does not add a timeout to every batch.
+
+Redis layout: hash ``iot:latest:<device id>`` (field values JSON-encoded), pub/sub channel
+``iot:events:<tenant id>`` carrying JSON events such as ``{"type":"reading","device":..,"t":..}``,
+``{"type":"status",...}``, ``{"type":"command",...}``, ``{"type":"alarm",...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+LATEST_PREFIX = "iot:latest:"
+EVENTS_PREFIX = "iot:events:"
+
+CACHE_ERRORS = Counter("iot_cache_errors_total", "Cache (Redis) operations that failed", ["op"])
+
+
+class Subscription(Protocol):
+    def get(self, timeout: float = 1.0) -> dict | None: ...
+
+    def close(self) -> None: ...
+
+
+class LatestCache(Protocol):
+    def update(self, tenant_id: int, device_id: str, fields: dict) -> None: ...
+
+    def update_many(self, items: list[tuple[int, str, dict]]) -> None: ...
+
+    def get(self, device_id: str) -> dict: ...
+
+    def get_many(self, device_ids: list[str]) -> dict[str, dict]: ...
+
+    def publish(self, tenant_id: int, event: dict) -> None: ...
+
+    def publish_many(self, events: list[tuple[int, dict]]) -> None: ...
+
+    def subscribe(self, tenant_id: int) -> Subscription: ...
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+class _MemorySubscription:
+    def __init__(self, cache: "MemoryCache", tenant_id: int, maxsize: int = 10_000):
+        self._cache = cache
+        self.tenant_id = tenant_id
+        self.queue: queue.Queue[dict] = queue.Queue(maxsize)
+        self.dropped = 0
+
+    def _offer(self, event: dict) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:  # a stalled subscriber loses live events, never blocks the writer
+            self.dropped += 1
+
+    def get(self, timeout: float = 1.0) -> dict | None:
+        try:
+            return self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._cache._unsubscribe(self)
+
+
+class MemoryCache:
+    """The embedded profile's cache: dicts under a lock, in-process subscriber queues."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, dict] = {}
+        self._subs: dict[int, list[_MemorySubscription]] = {}
+
+    def update(self, tenant_id: int, device_id: str, fields: dict) -> None:
+        with self._lock:
+            current = self._latest.setdefault(device_id, {})
+            current.update(fields)
+            current["tenant"] = tenant_id
+
+    def update_many(self, items: list[tuple[int, str, dict]]) -> None:
+        for tenant_id, device_id, fields in items:
+            self.update(tenant_id, device_id, fields)
+
+    def get(self, device_id: str) -> dict:
+        with self._lock:
+            return dict(self._latest.get(device_id, {}))
+
+    def get_many(self, device_ids: list[str]) -> dict[str, dict]:
+        with self._lock:
+            return {d: dict(self._latest[d]) for d in device_ids if d in self._latest}
+
+    def publish(self, tenant_id: int, event: dict) -> None:
+        with self._lock:
+            subs = list(self._subs.get(tenant_id, ()))
+        for sub in subs:
+            sub._offer(event)
+
+    def publish_many(self, events: list[tuple[int, dict]]) -> None:
+        for tenant_id, event in events:
+            self.publish(tenant_id, event)
+
+    def subscribe(self, tenant_id: int) -> _MemorySubscription:
+        sub = _MemorySubscription(self, tenant_id)
+        with self._lock:
+            self._subs.setdefault(tenant_id, []).append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: _MemorySubscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.tenant_id, [])
+            if sub in subs:
+                subs.remove(sub)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._latest.clear()
+
+
+# --- redis -----------------------------------------------------------------------------------------------
+
+class _RedisSubscription:
+    def __init__(self, client, channel: str):
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(channel)
+        self._channel = channel
+        self._broken_until = 0.0
+
+    def get(self, timeout: float = 1.0) -> dict | None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                if time.monotonic() < self._broken_until:
+                    time.sleep(min(remaining, 0.2))
+                    message = None
+                else:
+                    message = self._pubsub.get_message(timeout=remaining)
+            except (redis.RedisError, OSError) as exc:
+                CACHE_ERRORS.labels("subscribe").inc()
+                log.debug("redis subscription %s: %s", self._channel, exc)
+                self._broken_until = time.monotonic() + 1.0
+                self._resubscribe()
+                message = None
+            if message and message.get("type") == "message":
+                try:
+                    return json.loads(message["data"])
+                except (ValueError, TypeError):
+                    continue
+            if time.monotonic() >= deadline:
+                return None
+
+    def _resubscribe(self) -> None:
+        try:
+            self._pubsub.reset()
+            self._pubsub.subscribe(self._channel)
+        except Exception:  # noqa: BLE001 - still down; retried on the next get
+            pass
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class RedisCache:
+    def __init__(self, url: str, *, socket_timeout: float = 0.5, retry_after: float = 2.0, ttl_s: int = 0):
+        import redis
+
+        self.url = url
+        self.retry_after = retry_after
+        self.ttl_s = ttl_s
+        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                            health_check_interval=10, decode_responses=True)
+        self._down_until = 0.0
+        self._last_log = 0.0
+
+    # errors: log at most every 10 s, count every one, skip Redis for retry_after seconds
+    def _failed(self, op: str, exc: Exception) -> None:
+        CACHE_ERRORS.labels(op).inc()
+        self._down_until = time.monotonic() + self.retry_after
+        now = time.monotonic()
+        if now - self._last_log > 10:
+            self._last_log = now
+            log.warning("redis %s failed (%s); carrying on without the cache", op, exc)
+
+    def _available(self, op: str) -> bool:
+        if time.monotonic() < self._down_until:
+            CACHE_ERRORS.labels(op).inc()
+            return False
+        return True
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def update(self, tenant_id: int, device_id: str, fields: dict) -> None:
+        self.update_many([(tenant_id, device_id, fields)])
+
+    def update_many(self, items: list[tuple[int, str, dict]]) -> None:
+        if not items or not self._available("update"):
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for tenant_id, device_id, fields in items:
+                key = LATEST_PREFIX + device_id
+                mapping = {k: json.dumps(v) for k, v in fields.items()}
+                mapping["tenant"] = json.dumps(tenant_id)
+                pipe.hset(key, mapping=mapping)
+                if self.ttl_s:
+                    pipe.expire(key, self.ttl_s)
+            pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
+            self._failed("update", exc)
+
+    def get(self, device_id: str) -> dict:
+        return self.get_many([device_id]).get(device_id, {})
+
+    def get_many(self, device_ids: list[str]) -> dict[str, dict]:
+        if not device_ids or not self._available("get"):
+            return {}
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for device_id in device_ids:
+                pipe.hgetall(LATEST_PREFIX + device_id)
+            results = pipe.execute()
+        except Exception as exc:  # noqa: BLE001
+            self._failed("get", exc)
+            return {}
+        out = {}
+        for device_id, raw in zip(device_ids, results):
+            if raw:
+                out[device_id] = {k: _loads(v) for k, v in raw.items()}
+        return out
+
+    def publish(self, tenant_id: int, event: dict) -> None:
+        self.publish_many([(tenant_id, event)])
+
+    def publish_many(self, events: list[tuple[int, dict]]) -> None:
+        if not events or not self._available("publish"):
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for tenant_id, event in events:
+                pipe.publish(f"{EVENTS_PREFIX}{tenant_id}", json.dumps(event, separators=(",", ":"), default=str))
+            pipe.execute()
+        except Exception as exc:  # noqa: BLE001
+            self._failed("publish", exc)
+
+    def subscribe(self, tenant_id: int) -> _RedisSubscription:
+        return _RedisSubscription(self._client, f"{EVENTS_PREFIX}{tenant_id}")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _loads(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
+
+
+_shared_memory: MemoryCache | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_memory_cache() -> MemoryCache:
+    global _shared_memory
+    with _shared_lock:
+        if _shared_memory is None:
+            _shared_memory = MemoryCache()
+        return _shared_memory
+
+
+def cache_from_settings(settings) -> LatestCache:
+    """RedisCache if ``settings.redis_url`` is set, else the process-wide MemoryCache (demo: the writer and the
+    web app run as threads of one process and meet on it)."""
+    if settings.redis_url:
+        return RedisCache(settings.redis_url)
+    return shared_memory_cache()
