@@ -1,0 +1,552 @@
+"""The bridge: MQTT -> bus (telemetry, status, acks) and bus -> MQTT (device commands). ``python -m cloud bridge``.
+
+MQTT -> bus, at least once
+    One thread runs the MQTT network loop, the bus producer's delivery reports and the acknowledgements itself
+    (no locks on the hot path). The MQTT session is persistent (stable client id, MQTT v5 clean-start off with a
+    session expiry, or v3.1.1 clean-session off) and subscribes with QoS 1 to
+    ``$share/<bridge_group>/devices/+/{telemetry,status,acks}`` so several bridges split the load. paho's manual
+    acknowledgements are on: a message's PUBACK is sent only after the bus confirmed the record (valid: the
+    original bytes to the kind's topic, key = device id, headers ``mqtt_topic``/``received_ms``; invalid: a
+    :func:`cloud.schema.dead_letter` record on the dead-letter topic). PUBACKs go out in the order the PUBLISHes
+    came in (MQTT 4.6.0-2), so a message that waits for the bus holds back the acks behind it. A failed delivery is
+    produced again with backoff and never acknowledged before it succeeds. Per-device order is Kafka's partition
+    order (key = device id, idempotent producer).
+
+Backpressure
+    At most ``settings.bridge_max_inflight`` messages are unacknowledged: the MQTT v5 CONNECT carries it as
+    Receive Maximum, so the broker stops sending and queues the rest; with v3.1.1 (no receive maximum) the bridge
+    stops reading the socket when the window is full. When the bus comes back, deliveries complete, acks flow,
+    and the broker sends again.
+
+Bus -> MQTT
+    A second thread with its own MQTT connection consumes ``settings.topics.control`` in consumer group
+    ``<bridge_group>-control``: a Command (key = device id) is published to ``devices/<id>/commands`` with QoS 1,
+    a CommandStatus "sent" is reported on ``settings.topics.command_status`` once the broker acknowledged the
+    publish, and the offset is committed after that report is on the bus. Expired commands are reported
+    "expired" and not sent; invalid control records go to the dead-letter topic.
+
+Reconnects: the MQTT loop reconnects with exponential backoff and subscribes again; the broker redelivers what
+was not acknowledged (duplicates are harmless: (id, boot, seq) identifies a reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from paho.mqtt.enums import MQTTErrorCode
+from prometheus_client import Counter, Gauge, Histogram
+
+from cloud import schema
+from cloud.bus import Bus, BusError, Record
+from cloud.mqtt import MQTTv5, MQTTv311, Backoff, FastClient, connect, new_client
+from cloud.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KINDS = ("telemetry", "status", "acks")
+
+# --- metrics (module level: one registry per process) ------------------------------------------------------
+RECEIVED = Counter("iot_bridge_received_total", "MQTT messages received by the bridge", ["kind"])
+FORWARDED = Counter("iot_bridge_forwarded_total", "Valid messages confirmed by the bus", ["kind"])
+DEADLETTERED = Counter("iot_bridge_deadlettered_total", "Rejected messages written to the dead-letter topic",
+                       ["reason"])
+INFLIGHT = Gauge("iot_bridge_inflight", "MQTT messages received and not yet acknowledged")
+ACKED = Counter("iot_bridge_acked_total", "MQTT messages acknowledged (PUBACK) after the bus confirmed them")
+DELIVERY_FAILURES = Counter("iot_bridge_delivery_failures_total", "Bus delivery failures (the record is retried)")
+COMMANDS = Counter("iot_bridge_commands_total", "Control records handled", ["result"])
+LATENCY = Histogram("iot_bridge_kafka_ack_latency_seconds", "MQTT receipt -> bus delivery report",
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+MQTT_CONNECTED = Gauge("iot_bridge_mqtt_connected", "1 while the ingest MQTT session is up")
+RECONNECTS = Counter("iot_bridge_mqtt_connects_total", "Successful MQTT (re)connections of the ingest session")
+
+
+def reason_class(reason: str) -> str:
+    """A small, fixed set of labels for the dead-letter metric (the full reason is in the record)."""
+    r = reason.lower()
+    if "exceeds the limit" in r:
+        return "oversize"
+    if "not utf-8" in r:
+        return "encoding"
+    if "malformed json" in r or "expected a json object" in r:
+        return "json"
+    if "not a number" in r or "not finite" in r:
+        return "not_finite"
+    if "outside" in r:
+        return "range"
+    if "differs from" in r or "device id" in r:
+        return "id_mismatch"
+    if "topic" in r:
+        return "topic"
+    if "version" in r:
+        return "version"
+    if "internal" in r:
+        return "internal"
+    return "schema"
+
+
+# inflight entry fields (a list per message: cheaper than an object on the hot path)
+_MID, _QOS, _GEN, _DONE, _T0, _TOPIC, _KEY, _VALUE, _HEADERS, _KIND, _TRIES = range(11)
+
+
+class Bridge:
+    """MQTT <-> bus bridge service (``run(stop)`` / ``health()``, see :mod:`cloud.service`).
+
+    Options:
+      ``shared``            subscribe through ``$share/<bridge_group>/...`` (default True; amqtt needs False)
+      ``client_id``         stable MQTT client id of the persistent ingest session
+                            (default ``iot-bridge-<group>-<hostname>``; two bridges on one host need distinct ids)
+      ``mqtt_version``      5 (default, Receive Maximum + session expiry) or 4 (MQTT 3.1.1, e.g. amqtt)
+      ``session_expiry_s``  how long the broker keeps the session (and queues messages) while the bridge is away
+      ``commands``          run the bus -> MQTT command path (default True)
+      ``ingest``            run the MQTT -> bus path (default True)
+      ``producer_options``  extra librdkafka settings for the ingest producer (Kafka bus only)
+    """
+
+    name = "bridge"
+
+    def __init__(self, settings: Settings, bus: Bus, *, shared: bool = True, client_id: str | None = None,
+                 mqtt_version: int = 5, session_expiry_s: int = 7 * 24 * 3600, commands: bool = True,
+                 ingest: bool = True, producer_options: dict[str, Any] | None = None, keepalive: int = 30):
+        if mqtt_version not in (4, 5):
+            raise ValueError("mqtt_version must be 4 (MQTT 3.1.1) or 5")
+        self.settings = settings
+        self.bus = bus
+        self.shared = shared
+        self.client_id = client_id or f"iot-bridge-{settings.bridge_group}-{socket.gethostname()}"[:64]
+        self.protocol = MQTTv5 if mqtt_version == 5 else MQTTv311
+        self.session_expiry_s = session_expiry_s
+        self.run_commands = commands
+        self.run_ingest = ingest
+        self.producer_options = dict(producer_options or {})
+        self.keepalive = keepalive
+        self.max_inflight = settings.bridge_max_inflight
+        prefix = f"$share/{settings.bridge_group}/" if shared else ""
+        self.subscriptions = [f"{prefix}devices/+/{kind}" for kind in KINDS]
+
+        topics = settings.topics
+        self._dest = {"telemetry": topics.telemetry, "status": topics.status, "acks": topics.acks}
+        self._parsers: dict[str, Callable[..., Any]] = {
+            "telemetry": schema.parse_telemetry, "status": schema.parse_status, "acks": schema.parse_ack}
+        self._received = {k: RECEIVED.labels(k) for k in (*KINDS, "other")}
+        self._forwarded = {k: FORWARDED.labels(k) for k in (*KINDS, "deadletter")}
+
+        # ingest state (owned by the ingest thread)
+        self._client: FastClient | None = None
+        self._producer = None
+        self._inflight: deque[list] = deque()
+        self._retries: list[tuple[float, int, list]] = []
+        self._retry_seq = itertools.count()
+        self._gen = 0
+        self._connected = False
+        self._subscribed = False
+        self._last_failure: str | None = None
+        self._last_failure_at = 0.0
+        self._ingest_alive = False
+        self._counts = {"received": 0, "acked": 0, "deadlettered": 0, "delivery_failures": 0}
+
+        # command path state
+        self._cmd_connected = False
+        self._cmd_alive = False
+        self._cmd_published: set[int] = set()
+        self._cmd_cond = threading.Condition()
+
+    # --- service protocol -------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        threads = []
+        if self.run_commands:
+            t = threading.Thread(target=self._command_loop, args=(stop,), name="bridge-commands", daemon=True)
+            t.start()
+            threads.append(t)
+        try:
+            if self.run_ingest:
+                self._ingest_loop(stop)
+            else:
+                stop.wait()
+        finally:
+            stop_wait = time.monotonic() + 30
+            for t in threads:
+                t.join(max(0.1, stop_wait - time.monotonic()))
+
+    def health(self) -> tuple[bool, dict]:
+        oldest = self._inflight[0][_T0] if self._inflight else None
+        stalled = oldest is not None and time.time() - oldest > 60
+        ingest_ok = (not self.run_ingest) or (self._connected and self._ingest_alive and not stalled)
+        cmd_ok = (not self.run_commands) or (self._cmd_connected and self._cmd_alive)
+        details = {
+            "mqtt_connected": self._connected, "commands_connected": self._cmd_connected,
+            "inflight": len(self._inflight), "oldest_inflight_s": round(time.time() - oldest, 3) if oldest else 0,
+            "bus_ok": not stalled, "last_delivery_error": self._last_failure, **self._counts,
+        }
+        return ingest_ok and cmd_ok, details
+
+    # --- MQTT -> bus ------------------------------------------------------------------------------------
+    def _new_ingest_client(self) -> FastClient:
+        client = new_client(self.settings.mqtt_url, self.client_id, protocol=self.protocol, clean_start=False,
+                            session_expiry_s=self.session_expiry_s,
+                            receive_maximum=min(self.max_inflight, 65535), fast=True, keepalive=self.keepalive)
+        assert isinstance(client, FastClient)
+        client.manual_ack_set(True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        # we run the network loop ourselves: queue writes (PUBACKs) and send them in one go per loop turn
+        client.on_socket_register_write = lambda *_: None
+        client.on_socket_unregister_write = lambda *_: None
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the bridge session: %s", reason_code)
+            return
+        self._gen += 1  # acks owed to the previous connection are void: the broker redelivers those messages
+        self._connected = True
+        MQTT_CONNECTED.set(1)
+        RECONNECTS.inc()
+        log.info("MQTT connected as %s (session present: %s); subscribing to %s", self.client_id,
+                 getattr(flags, "session_present", "?"), ", ".join(self.subscriptions))
+        client.subscribe([(t, 1) for t in self.subscriptions])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("MQTT subscription refused: %s (shared subscriptions unsupported? use shared=False)",
+                      ", ".join(bad))
+        else:
+            self._subscribed = True
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected:
+            log.warning("MQTT connection lost (%s); %d unacknowledged messages will be redelivered",
+                        reason_code, len(self._inflight))
+        self._connected = False
+        self._subscribed = False
+        MQTT_CONNECTED.set(0)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now = time.time()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = repr(msg._topic)
+        payload = msg.payload
+        device = None
+        kind = "other"
+        try:
+            device, kind = schema.split_topic(topic)
+            parser = self._parsers.get(kind)
+            if parser is None:
+                raise schema.Rejected(f"unexpected topic {topic!r}")
+            parser(device, payload, self.settings.max_payload_bytes)
+            entry = [msg.mid, msg.qos, self._gen, False, now, self._dest[kind], device, payload,
+                     {"mqtt_topic": topic, "received_ms": str(int(now * 1000))}, kind, 0]
+        except schema.Rejected as exc:
+            entry = self._dead_entry(msg, now, topic, device, payload, exc.reason)
+        except Exception as exc:  # never crash on input
+            log.exception("unexpected error handling a message on %r", topic)
+            entry = self._dead_entry(msg, now, topic, device, payload, f"internal error: {exc}")
+        self._received.get(kind, self._received["other"]).inc()
+        self._counts["received"] += 1
+        self._inflight.append(entry)
+        self._produce(entry)
+
+    def _dead_entry(self, msg, now: float, topic: str, device: str | None, payload: bytes, reason: str) -> list:
+        label = reason_class(reason)
+        DEADLETTERED.labels(label).inc()
+        self._counts["deadlettered"] += 1
+        value = schema.dead_letter(topic, payload, reason, key=device, at_ms=int(now * 1000))
+        return [msg.mid, msg.qos, self._gen, False, now, self.settings.topics.deadletter, device, value,
+                {"mqtt_topic": topic, "received_ms": str(int(now * 1000)), "reason": label}, "deadletter", 0]
+
+    def _produce(self, entry: list) -> None:
+        try:
+            self._producer.produce(entry[_TOPIC], entry[_KEY], entry[_VALUE], entry[_HEADERS],
+                                   on_delivery=lambda err, rec, e=entry: self._delivered(e, err))
+        except Exception as exc:  # e.g. a closed or broken producer: treat like a failed delivery
+            self._delivered(entry, exc)
+
+    def _delivered(self, entry: list, err: Exception | None) -> None:
+        if err is not None:
+            DELIVERY_FAILURES.inc()
+            self._counts["delivery_failures"] += 1
+            self._last_failure, self._last_failure_at = str(err), time.time()
+            entry[_TRIES] += 1
+            delay = min(10.0, 0.5 * 2 ** min(entry[_TRIES] - 1, 5))
+            if entry[_TRIES] <= 3 or entry[_TRIES] % 20 == 0:
+                log.warning("bus delivery to %s failed (%s); retrying in %.1fs (attempt %d)", entry[_TOPIC], err,
+                            delay, entry[_TRIES])
+            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
+            return
+        entry[_DONE] = True
+        LATENCY.observe(time.time() - entry[_T0])
+        self._forwarded[entry[_KIND]].inc()
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        retries = self._retries
+        while retries and retries[0][0] <= now:
+            _, _, entry = heapq.heappop(retries)
+            self._produce(entry)
+
+    def _ack_done(self) -> int:
+        inflight = self._inflight
+        client = self._client
+        gen = self._gen
+        connected = self._connected
+        acked = 0
+        while inflight and inflight[0][_DONE]:
+            entry = inflight.popleft()
+            if entry[_QOS] and entry[_GEN] == gen and connected:
+                client.ack(entry[_MID], entry[_QOS])
+                acked += 1
+        if acked:
+            ACKED.inc(acked)
+            self._counts["acked"] += acked
+        return acked
+
+    def _ingest_loop(self, stop: threading.Event) -> None:
+        if self.producer_options:
+            self._producer = self.bus.producer("bridge", **self.producer_options)  # type: ignore[call-arg]
+        else:
+            self._producer = self.bus.producer("bridge")
+        client = self._client = self._new_ingest_client()
+        backoff = Backoff(0.2, 10.0)
+        next_connect = 0.0
+        next_misc = 0.0
+        self._ingest_alive = True
+        producer = self._producer
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                sock = client.socket()
+                if sock is None:
+                    if now >= next_connect:
+                        try:
+                            connect(client)
+                            backoff.reset()
+                            sock = client.socket()
+                        except (OSError, ValueError) as exc:
+                            delay = backoff.next()
+                            log.warning("MQTT broker %s unreachable (%s); retrying in %.1fs",
+                                        self.settings.mqtt_url, exc, delay)
+                            next_connect = now + delay
+                    if sock is None:
+                        self._pump_bus(producer)
+                        stop.wait(min(0.05, max(0.0, next_connect - time.monotonic())))
+                        continue
+                inflight = self._inflight
+                readable = [sock] if len(inflight) < self.max_inflight else []
+                writable = [sock] if client.want_write() else []
+                timeout = 0.002 if inflight else 0.05
+                if hasattr(sock, "pending") and sock.pending() > 0:
+                    timeout = 0.0
+                try:
+                    r, w, _ = select.select(readable, writable, [], timeout)
+                except (OSError, ValueError):  # the socket went away under us
+                    r, w = [], []
+                    client._sock_close()
+                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+                if r or (readable and hasattr(sock, "pending") and sock.pending() > 0):
+                    rc = client.read_packets(max(1, self.max_inflight - len(inflight)))
+                self._pump_bus(producer)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is not None and client.want_write():
+                    rc = client.loop_write()
+                if now >= next_misc and client.socket() is not None:
+                    next_misc = now + 0.5
+                    rc = rc or client.loop_misc()
+                    INFLIGHT.set(len(inflight))
+                if client.socket() is None or rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                    if self._connected:
+                        self._on_disconnect(client, None, None, rc, None)
+                    if client.socket() is not None:
+                        try:
+                            client._sock_close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                    next_connect = time.monotonic() + backoff.next()
+            self._shutdown()
+        finally:
+            self._ingest_alive = False
+
+    def _pump_bus(self, producer) -> None:
+        producer.poll(0)
+        if self._retries:
+            self._retry_due()
+        if self._inflight and self._inflight[0][_DONE]:
+            self._ack_done()
+
+    def _shutdown(self) -> None:
+        """Stop reading, wait (bounded) for outstanding deliveries, ack them, disconnect (session kept)."""
+        client, producer = self._client, self._producer
+        deadline = time.monotonic() + 15
+        log.info("bridge stopping: %d messages in flight", len(self._inflight))
+        while self._inflight and time.monotonic() < deadline:
+            producer.poll(0.05)
+            if self._retries:
+                self._retry_due()
+            self._ack_done()
+            if client.socket() is not None and client.want_write():
+                client.loop_write()
+        if self._inflight:
+            log.warning("bridge stopping with %d messages not confirmed by the bus; the broker will redeliver them",
+                        len(self._inflight))
+        if client.socket() is not None:
+            try:
+                client.loop_write()
+                client.disconnect()
+                client.loop_write()
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            producer.flush(5)
+        except Exception:  # noqa: BLE001
+            pass
+        self._connected = False
+        MQTT_CONNECTED.set(0)
+
+    # --- bus -> MQTT (commands) -------------------------------------------------------------------------
+    def _on_cmd_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the command session: %s", reason_code)
+            return
+        self._cmd_connected = True
+
+    def _on_cmd_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._cmd_connected = False
+
+    def _on_cmd_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._cmd_cond:
+            self._cmd_published.add(mid)
+            self._cmd_cond.notify_all()
+
+    def _command_loop(self, stop: threading.Event) -> None:
+        settings = self.settings
+        client = new_client(settings.mqtt_url, f"{self.client_id}-cmd"[:64], protocol=self.protocol,
+                            clean_start=True, keepalive=self.keepalive, reconnect_min_s=1, reconnect_max_s=10)
+        client.on_connect = self._on_cmd_connect
+        client.on_disconnect = self._on_cmd_disconnect
+        client.on_publish = self._on_cmd_publish
+        client.max_inflight_messages_set(100)
+        connect(client, asynchronous=True)
+        client.loop_start()
+        consumer = None
+        producer = None
+        self._cmd_alive = True
+        try:
+            consumer = self.bus.consumer(f"{settings.bridge_group}-control", [settings.topics.control],
+                                         name="bridge-control")
+            producer = self.bus.producer("bridge-commands")
+            while not stop.is_set():
+                records = consumer.poll_batch(100, timeout=0.5)
+                if not records:
+                    continue
+                handled: list[Record] = []
+                for record in records:
+                    if not self._handle_command(client, producer, record, stop):
+                        break
+                    handled.append(record)
+                if not self._flush(producer, stop):
+                    break  # shutting down before the reports are on the bus: the records are redelivered
+                try:
+                    consumer.commit(handled)
+                except BusError as exc:
+                    log.warning("control offsets not committed (%s); the commands will be sent again", exc)
+                if len(handled) < len(records):
+                    break
+        except Exception:
+            log.exception("command path failed")
+            raise
+        finally:
+            self._cmd_alive = False
+            if consumer is not None:
+                try:
+                    consumer.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            if producer is not None:
+                try:
+                    producer.flush(5)
+                except Exception:  # noqa: BLE001
+                    pass
+            client.disconnect()
+            client.loop_stop()
+            self._cmd_connected = False
+
+    @staticmethod
+    def _flush(producer, stop: threading.Event) -> bool:
+        while producer.flush(1.0) > 0:
+            if stop.is_set():
+                return producer.flush(5.0) == 0
+        return True
+
+    def _status(self, producer, cid: str, device: str, state: str) -> None:
+        producer.produce(self.settings.topics.command_status, device,
+                         schema.CommandStatus(cid=cid, device=device, state=state, ts=schema.now_ms()).to_json())
+
+    def _handle_command(self, client, producer, record: Record, stop: threading.Event) -> bool:
+        """Send one control record; False when stopping before the broker acknowledged it."""
+        device = record.key
+        try:
+            command = schema.parse_command(record.value, self.settings.max_payload_bytes)
+            if not device or not schema.DEVICE_ID.match(device):
+                raise schema.Rejected(f"control record needs a valid device id as key, got {device!r}")
+        except schema.Rejected as exc:
+            COMMANDS.labels("invalid").inc()
+            DEADLETTERED.labels(reason_class(exc.reason)).inc()
+            producer.produce(self.settings.topics.deadletter, device,
+                             schema.dead_letter(f"kafka:{record.topic}", record.value, exc.reason, key=device))
+            return True
+        if command.expired():
+            COMMANDS.labels("expired").inc()
+            self._status(producer, command.cid, device, "expired")
+            return True
+        info = client.publish(schema.topic_for(device, "commands"), record.value, qos=1)
+        mid = info.mid
+        with self._cmd_cond:
+            while mid not in self._cmd_published:
+                if stop.is_set():
+                    return False
+                self._cmd_cond.wait(0.2)
+            self._cmd_published.discard(mid)
+        COMMANDS.labels("sent").inc()
+        self._status(producer, command.cid, device, "sent")
+        return True
+
+
+# --- stand-alone runner: python -m cloud.bridge (the platform CLI is python -m cloud bridge) ----------------
+
+def main(argv: list[str] | None = None) -> int:
+    from cloud import settings as settings_mod
+    from cloud.bus import from_settings
+    from cloud.service import serve, setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m cloud.bridge", description=__doc__.split("\n")[0])
+    parser.add_argument("--client-id", default=os.environ.get("IOT_BRIDGE_CLIENT_ID"))
+    parser.add_argument("--no-shared", action="store_true", help="plain subscriptions (brokers without $share)")
+    parser.add_argument("--mqtt-version", type=int, choices=(4, 5), default=5)
+    parser.add_argument("--no-commands", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_mod.load()
+    except settings_mod.SettingsError as exc:
+        print(f"error: {exc}")
+        return 2
+    setup_logging(settings.log_level)
+    bus = from_settings(settings)
+    bridge = Bridge(settings, bus, shared=not args.no_shared, client_id=args.client_id,
+                    mqtt_version=args.mqtt_version, commands=not args.no_commands)
+    return serve(bridge, ops_port=settings.metrics_port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
