@@ -1,0 +1,136 @@
+"""The web tier: Flask app with pages, REST API (/api/v1), WebSocket (/ws) and ops endpoints.
+
+``create_app(settings, engine=..., bus=..., cache=...)`` builds one app; every collaborator can be injected so
+the demo (SQLite, in-process bus, in-memory cache) and production (PostgreSQL, Kafka, Redis) run the same code,
+and tests can hand in a MemoryBus and read back what the app produced.
+
+Serve it in production with a threaded WSGI server that supports flask-sock, e.g.::
+
+    gunicorn --worker-class gthread --workers 1 --threads 64 -b 0.0.0.0:8000 'cloud.web.wsgi:app'
+
+(each WebSocket holds one thread for its lifetime; scale out with more processes behind a proxy).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app
+
+from cloud.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WebContext:
+    """Everything a request handler needs, stored in ``app.extensions["iot"]``."""
+    settings: Settings
+    engine: Any
+    session_factory: Any
+    bus: Any
+    cache: Any
+    hub: Any = None
+    _producer: Any = None
+    _producer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def producer(self):
+        with self._producer_lock:
+            if self._producer is None:
+                self._producer = self.bus.producer("web")
+            return self._producer
+
+
+def ctx() -> WebContext:
+    return current_app.extensions["iot"]
+
+
+def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache: Any = None) -> Flask:
+    """Build the web app. Missing collaborators are created from ``settings``."""
+    from cloud import db as dbmod
+
+    if engine is None:
+        engine = dbmod.make_engine(settings.database_url)
+    session_factory = dbmod.session_factory(engine)
+    if bus is None:
+        from cloud.bus import from_settings
+
+        bus = from_settings(settings)
+    if cache is None:
+        from cloud.cache import cache_from_settings
+
+        cache = cache_from_settings(settings)
+
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.production and not settings.web_host.startswith("127."),
+        SESSION_COOKIE_NAME="iot_session",
+        PERMANENT_SESSION_LIFETIME=12 * 3600,
+        MAX_CONTENT_LENGTH=256 * 1024,
+        JSON_SORT_KEYS=False,
+        SOCK_SERVER_OPTIONS={"ping_interval": 25},
+    )
+    from cloud.web.ws import Hub
+
+    context = WebContext(settings=settings, engine=engine, session_factory=session_factory, bus=bus,
+                         cache=cache)
+    context.hub = Hub(cache)
+    app.extensions["iot"] = context
+
+    from cloud.web import api, auth, ops, pages, ws
+
+    auth.init_app(app)
+    ops.init_app(app)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ws.bp)
+    app.register_blueprint(ops.bp)
+    _install_common(app)
+    return app
+
+
+VENDOR_FILE = "vendor/uPlot.iife.min.js"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+
+
+def _install_common(app: Flask) -> None:
+    import os
+
+    from flask import jsonify, render_template, request
+    from werkzeug.exceptions import HTTPException
+
+    vendor_path = os.path.join(app.static_folder or "", VENDOR_FILE)
+
+    @app.context_processor
+    def _vendor():
+        # checked per render so running the fetch step does not need a restart
+        return {"vendor_ok": os.path.exists(vendor_path)}
+
+    @app.after_request
+    def _headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if response.mimetype == "text/html":
+            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.path.startswith("/api/") or request.path.startswith("/admin"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if request.path.startswith("/api/") or request.path in ("/ws", "/healthz"):
+            return jsonify(error=exc.description or exc.name), exc.code
+        try:
+            return render_template("error.html", code=exc.code, message=exc.description or exc.name), exc.code
+        except Exception:
+            return exc

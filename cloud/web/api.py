@@ -1,0 +1,559 @@
+"""REST API /api/v1 (JSON in, JSON out; errors are {"error": "..."} with a 4xx/5xx status).
+
+Authentication: the session cookie (+ X-CSRF-Token header on writes) or ``Authorization: Bearer <token>``.
+Every lookup is scoped to the caller's tenant; another tenant's object is indistinguishable from a missing one
+(404).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from flask import Blueprint, g, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from cloud import schema
+from cloud.web import ctx, data
+from cloud.web import serialize as ser
+from cloud.web.auth import ROLES, login_required
+
+log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 50
+RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+DEVICE_SORTS = ("name", "-name", "id", "-id", "last_seen", "-last_seen", "status", "-status")
+_produce_lock = threading.Lock()
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@bp.errorhandler(BadRequest)
+def _bad_request(exc):
+    return jsonify(error=str(exc)), 400
+
+
+@bp.errorhandler(schema.Rejected)
+def _rejected(exc):
+    return jsonify(error=exc.reason), 400
+
+
+@bp.errorhandler(data.NotFound)
+def _not_found(exc):
+    return jsonify(error=str(exc.args[0]) if exc.args else "not found"), 404
+
+
+@bp.errorhandler(HTTPException)
+def _http(exc: HTTPException):
+    return jsonify(error=exc.description or exc.name), exc.code
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+def _principal():
+    return g.principal
+
+
+def _tid() -> int:
+    return g.principal.tenant_id
+
+
+def body() -> dict[str, Any]:
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise BadRequest("expected a JSON object body (Content-Type: application/json)")
+    return payload
+
+
+def page() -> tuple[int, int]:
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+        offset = int(request.args.get("offset", 0))
+    except ValueError:
+        raise BadRequest("limit and offset must be integers") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be 1..{MAX_LIMIT}")
+    if offset < 0:
+        raise BadRequest("offset must be >= 0")
+    return limit, offset
+
+
+def listing(items: list, total: int | None, limit: int, offset: int):
+    return jsonify(items=items, total=total, limit=limit, offset=offset)
+
+
+def _str(payload: dict, key: str, *, max_len: int = 120, required: bool = True, pattern=None) -> str | None:
+    value = payload.get(key)
+    if value is None or value == "":
+        if required:
+            raise BadRequest(f"missing field {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"field {key!r} must be a string")
+    value = value.strip()
+    if not value or len(value) > max_len:
+        raise BadRequest(f"field {key!r} must be 1..{max_len} characters")
+    if pattern is not None and not pattern.match(value):
+        raise BadRequest(f"field {key!r} has an invalid format")
+    return value
+
+
+def _time_arg(name: str) -> datetime | None:
+    raw = request.args.get(name)
+    if not raw:
+        return None
+    try:
+        if re.fullmatch(r"\d{10,13}", raw):
+            value = int(raw)
+            return datetime.fromtimestamp(value / 1000 if value > 10**11 else value, timezone.utc)
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise BadRequest(f"{name} must be ISO 8601 or unix seconds/milliseconds") from None
+
+
+def latest_for(s, tenant_id: int, devices: list) -> dict[str, dict]:
+    """Latest reading per device: the cache first, the database for devices the cache does not know."""
+    ids = [d.id for d in devices]
+    found: dict[str, dict] = {}
+    try:
+        cached = ctx().cache.get_many(ids) if ids else {}
+    except Exception:  # the cache is an accelerator; the database is the truth
+        log.warning("latest-value cache unavailable, reading from the database", exc_info=True)
+        cached = {}
+    for device_id, value in (cached or {}).items():
+        if value:
+            found[device_id] = ser.reading(value)
+    missing = [i for i in ids if i not in found]
+    for device_id, row in data.latest_from_db(s, tenant_id, missing).items():
+        found[device_id] = ser.reading(row)
+    return found
+
+
+def device_summary(device, latest: dict | None, alarms: int = 0) -> dict:
+    out = ser.device(device)
+    out["latest"] = latest
+    out["active_alarms"] = alarms
+    return out
+
+
+# --- who am I ---------------------------------------------------------------------------------------------
+
+@bp.get("/me")
+@login_required()
+def me():
+    p = _principal()
+    return jsonify(tenant_id=p.tenant_id, email=p.email, role=p.role, auth=p.kind)
+
+
+# --- devices ----------------------------------------------------------------------------------------------
+
+@bp.get("/devices")
+@login_required()
+def devices():
+    limit, offset = page()
+    search = (request.args.get("search") or "").strip()[:120] or None
+    sort = request.args.get("sort", "name")
+    if sort not in DEVICE_SORTS:
+        raise BadRequest(f"sort must be one of {', '.join(DEVICE_SORTS)}")
+    with ctx().session_factory() as s:
+        items, total = data.list_devices(s, _tid(), search, sort, limit, offset)
+        latest = latest_for(s, _tid(), items)
+        counts = data.active_alarm_counts(s, _tid(), [d.id for d in items])
+        out = [device_summary(d, latest.get(d.id), counts.get(d.id, 0)) for d in items]
+    return listing(out, total, limit, offset)
+
+
+@bp.post("/devices")
+@login_required("admin")
+def create_device():
+    payload = body()
+    device_id = _str(payload, "id", max_len=64, pattern=schema.DEVICE_ID)
+    name = _str(payload, "name", required=False) or device_id
+    with ctx().session_factory() as s:
+        try:
+            device, password = data.create_device(s, _tid(), device_id, name)
+        except (ValueError, LookupError) as exc:  # repo: duplicate id / invalid
+            s.rollback()
+            return jsonify(error=str(exc)), 409
+        except Exception as exc:
+            s.rollback()
+            if type(exc).__name__ == "IntegrityError":
+                return jsonify(error=f"device id {device_id!r} is already taken"), 409
+            raise
+        out = ser.device(device)
+    return jsonify(device=out, credentials=credentials(out, password), config=device_config(out, password)), 201
+
+
+def credentials(device: dict, password: str) -> dict:
+    from cloud.settings import mqtt_parts
+    mqtt = mqtt_parts(ctx().settings.mqtt_url)
+    return {"mqtt_host": mqtt["host"], "mqtt_port": mqtt["port"], "tls": mqtt["tls"],
+            "username": device["mqtt_username"] or device["id"], "password": password,
+            "client_id": device["id"], "note": "the password is shown once; store it now"}
+
+
+def device_config(device: dict, password: str) -> dict:
+    """The firmware's config.json for this device (Wi-Fi fields left for the installer)."""
+    c = credentials(device, password)
+    return {"device_id": device["id"], "wifi_ssid": "", "wifi_password": "",
+            "mqtt_host": c["mqtt_host"], "mqtt_port": c["mqtt_port"], "mqtt_tls": c["tls"],
+            "mqtt_user": c["username"], "mqtt_password": password, "interval_s": 10}
+
+
+@bp.get("/devices/<device_id>")
+@login_required()
+def device(device_id: str):
+    with ctx().session_factory() as s:
+        d = data.get_device(s, _tid(), device_id)
+        latest = latest_for(s, _tid(), [d]).get(d.id)
+        counts = data.active_alarm_counts(s, _tid(), [d.id])
+        return jsonify(device_summary(d, latest, counts.get(d.id, 0)))
+
+
+@bp.post("/devices/<device_id>/rotate")
+@login_required("admin")
+def rotate_device(device_id: str):
+    with ctx().session_factory() as s:
+        password = data.rotate_device(s, _tid(), device_id)
+        out = ser.device(data.get_device(s, _tid(), device_id))
+    return jsonify(device=out, credentials=credentials(out, password), config=device_config(out, password))
+
+
+@bp.post("/devices/<device_id>/revoke")
+@login_required("admin")
+def revoke_device(device_id: str):
+    with ctx().session_factory() as s:
+        return jsonify(device=ser.device(data.revoke_device(s, _tid(), device_id)))
+
+
+@bp.get("/devices/<device_id>/latest")
+@login_required()
+def latest(device_id: str):
+    with ctx().session_factory() as s:
+        d = data.get_device(s, _tid(), device_id)
+        reading = latest_for(s, _tid(), [d]).get(d.id) or {k: None for k in ("t", "h", "p", "rssi", "ts", "seq",
+                                                                             "boot")}
+        return jsonify(device=d.id, **reading, status=d.status, last_seen=ser.iso(d.last_seen))
+
+
+@bp.get("/devices/<device_id>/history")
+@login_required()
+def history(device_id: str):
+    rng = request.args.get("range")
+    end = _time_arg("end") or datetime.now(timezone.utc)
+    start = _time_arg("start")
+    if rng is not None:
+        if rng not in RANGES:
+            raise BadRequest(f"range must be one of {', '.join(RANGES)}")
+        start = end - RANGES[rng]
+    if start is None:
+        start = end - RANGES["1h"]
+    if start >= end:
+        raise BadRequest("start must be before end")
+    if end - start > timedelta(days=400):
+        raise BadRequest("a history window is at most 400 days")
+    with ctx().session_factory() as s:
+        result = data.history(s, _tid(), device_id, start, end)
+    return jsonify(device=device_id, start=ser.iso(start), end=ser.iso(end), **history_payload(result))
+
+
+def history_payload(result: Any) -> dict:
+    """Normalise the repo's history answer to {"bucket_s": n|None, "points": [{ts, t, h, p, ...}]}."""
+    bucket = None
+    if isinstance(result, dict):
+        bucket = result.get("bucket_s", result.get("bucket"))
+        rows = result.get("points", result.get("rows", []))
+    elif isinstance(result, tuple) and len(result) == 2:
+        rows, bucket = result
+    else:
+        rows = result
+    points = []
+    for r in rows:
+        if isinstance(r, dict):
+            point = dict(r)
+            point["ts"] = ser.ms(point.get("ts"))
+        else:
+            point = ser.reading(r)
+        points.append(point)
+    return {"bucket_s": bucket, "points": points}
+
+
+@bp.get("/devices/<device_id>/readings")
+@login_required()
+def readings(device_id: str):
+    try:
+        limit = min(max(int(request.args.get("limit", 20)), 1), MAX_LIMIT)
+    except ValueError:
+        raise BadRequest("limit must be an integer") from None
+    with ctx().session_factory() as s:
+        data.get_device(s, _tid(), device_id)
+        rows = data.recent_readings(s, _tid(), device_id, limit)
+        return jsonify(items=[ser.reading(r) for r in rows])
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+@bp.post("/devices/<device_id>/commands")
+@login_required("operator")
+def send_command(device_id: str):
+    payload = body()
+    op = payload.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("field 'op' must be a string, one of " + ", ".join(schema.COMMAND_OPS))
+    args = payload.get("args", {})
+    ttl = payload.get("ttl_s", 300)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 86_400:
+        raise BadRequest("field 'ttl_s' must be an integer 1..86400")
+    cmd = schema.new_command(op, args, ttl)  # raises Rejected -> 400 with the reason
+    c = ctx()
+    with c.session_factory() as s:
+        device = data.get_device(s, _tid(), device_id)
+        if device.revoked_at is not None:
+            return jsonify(error=f"device {device_id!r} is revoked"), 409
+        data.create_command(s, _tid(), device_id, cmd, created_by=g.principal.email)
+    errors: list = []
+    with _produce_lock:
+        producer = c.producer
+        producer.produce(c.settings.topics.control, device_id, cmd.to_json(),
+                         on_delivery=lambda err, _rec: errors.append(err) if err else None)
+        remaining = producer.flush(10.0)
+    if remaining or errors:
+        log.error("command %s not delivered to the bus: %s", cmd.cid, errors or f"{remaining} pending")
+        return jsonify(error="the command was stored but the message bus did not confirm it; retry",
+                       cid=cmd.cid), 503
+    return jsonify(cid=cmd.cid, status="queued", device=device_id, op=cmd.op, exp=cmd.exp), 202
+
+
+@bp.get("/devices/<device_id>/commands")
+@login_required()
+def device_commands(device_id: str):
+    limit, offset = page()
+    with ctx().session_factory() as s:
+        data.get_device(s, _tid(), device_id)
+        items, total = data.list_commands(s, _tid(), device_id, limit, offset)
+        return listing([ser.command(c) for c in items], total, limit, offset)
+
+
+@bp.get("/commands")
+@login_required()
+def commands():
+    limit, offset = page()
+    with ctx().session_factory() as s:
+        items, total = data.list_commands(s, _tid(), request.args.get("device") or None, limit, offset)
+        return listing([ser.command(c) for c in items], total, limit, offset)
+
+
+@bp.get("/commands/<cid>")
+@login_required()
+def command(cid: str):
+    with ctx().session_factory() as s:
+        return jsonify(ser.command(data.get_command(s, _tid(), cid)))
+
+
+# --- alarms -----------------------------------------------------------------------------------------------
+
+@bp.get("/alarms")
+@login_required()
+def alarms():
+    limit, offset = page()
+    state = request.args.get("state") or None
+    if state not in (None, "active", *schema.ALARM_STATES):
+        raise BadRequest("state must be active, raised, acknowledged or cleared")
+    severity = request.args.get("severity") or None
+    if severity not in (None, *schema.SEVERITIES):
+        raise BadRequest("severity must be one of " + ", ".join(schema.SEVERITIES))
+    with ctx().session_factory() as s:
+        items, total = data.list_alarms(s, _tid(), state=state, device_id=request.args.get("device") or None,
+                                        severity=severity, limit=limit, offset=offset)
+        return listing([ser.alarm(a) for a in items], total, limit, offset)
+
+
+def _alarm_transition(alarm_id: str, action: str):
+    with ctx().session_factory() as s:
+        fn = data.ack_alarm if action == "ack" else data.clear_alarm
+        try:
+            a = fn(s, _tid(), alarm_id, g.principal.email)
+        except ValueError as exc:  # e.g. clearing an already cleared alarm
+            return jsonify(error=str(exc)), 409
+        out = ser.alarm(a)
+    publish_alarm_event(out)
+    return jsonify(out)
+
+
+def publish_alarm_event(alarm: dict) -> None:
+    """Tell the rest of the platform (the alarms topic) that a person acknowledged/cleared an alarm."""
+    c = ctx()
+    event = schema.AlarmEvent(alarm_id=alarm["id"], device=alarm["device"], tenant=str(g.principal.tenant_id),
+                              rule=alarm["rule"], metric=alarm["metric"], value=alarm["value"],
+                              threshold=alarm["threshold"], severity=alarm["severity"], state=alarm["state"],
+                              ts=schema.now_ms())
+    try:
+        with _produce_lock:
+            c.producer.produce(c.settings.topics.alarms, alarm["device"], event.to_json())
+            c.producer.flush(5.0)
+    except Exception:
+        log.warning("could not publish alarm event for %s", alarm["id"], exc_info=True)
+
+
+@bp.post("/alarms/<alarm_id>/ack")
+@login_required("operator")
+def ack_alarm(alarm_id: str):
+    return _alarm_transition(alarm_id, "ack")
+
+
+@bp.post("/alarms/<alarm_id>/clear")
+@login_required("operator")
+def clear_alarm(alarm_id: str):
+    return _alarm_transition(alarm_id, "clear")
+
+
+# --- rules ------------------------------------------------------------------------------------------------
+
+def _rule_fields(payload: dict, *, partial: bool) -> dict:
+    out = {k: payload[k] for k in ser.RULE_FIELDS if k in payload}
+    unknown = set(payload) - set(ser.RULE_FIELDS) - {"device", "id", "updated_at"}
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if not partial and "name" not in out:
+        raise BadRequest("missing field 'name'")
+    return out
+
+
+@bp.get("/rules")
+@login_required()
+def rules():
+    device_id = request.args.get("device") or None
+    with ctx().session_factory() as s:
+        if device_id:
+            data.get_device(s, _tid(), device_id)
+        return jsonify(items=[ser.rule(r) for r in data.list_rules(s, _tid(), device_id)])
+
+
+@bp.post("/rules")
+@login_required("operator")
+def create_rule():
+    payload = body()
+    fields = _rule_fields(payload, partial=False)
+    device_id = payload.get("device")
+    with ctx().session_factory() as s:
+        if device_id is not None:
+            if not isinstance(device_id, str):
+                raise BadRequest("field 'device' must be a device id or null")
+            data.get_device(s, _tid(), device_id)
+        try:
+            r = data.create_rule(s, _tid(), {**fields, "device_id": device_id})
+        except ValueError as exc:
+            s.rollback()
+            raise BadRequest(str(exc)) from None
+        return jsonify(ser.rule(r)), 201
+
+
+@bp.get("/rules/<int:rule_id>")
+@login_required()
+def rule(rule_id: int):
+    with ctx().session_factory() as s:
+        return jsonify(ser.rule(data.get_rule(s, _tid(), rule_id)))
+
+
+@bp.route("/rules/<int:rule_id>", methods=["PUT", "PATCH"])
+@login_required("operator")
+def update_rule(rule_id: int):
+    fields = _rule_fields(body(), partial=True)
+    with ctx().session_factory() as s:
+        try:
+            r = data.update_rule(s, _tid(), rule_id, fields)
+        except ValueError as exc:
+            s.rollback()
+            raise BadRequest(str(exc)) from None
+        return jsonify(ser.rule(r))
+
+
+@bp.delete("/rules/<int:rule_id>")
+@login_required("operator")
+def delete_rule(rule_id: int):
+    with ctx().session_factory() as s:
+        data.delete_rule(s, _tid(), rule_id)
+    return "", 204
+
+
+# --- API tokens and users (admin) -------------------------------------------------------------------------
+
+def _role(payload: dict, default: str) -> str:
+    role = payload.get("role", default)
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+    if not g.principal.can(role):
+        raise BadRequest("you cannot grant a role above your own")
+    return role
+
+
+@bp.get("/tokens")
+@login_required("admin")
+def tokens():
+    with ctx().session_factory() as s:
+        return jsonify(items=[ser.token(t) for t in data.list_tokens(s, _tid())])
+
+
+@bp.post("/tokens")
+@login_required("admin")
+def create_token():
+    payload = body()
+    name = _str(payload, "name")
+    role = _role(payload, "viewer")
+    with ctx().session_factory() as s:
+        tok, secret = data.create_token(s, _tid(), name, role)
+        out = ser.token(tok)
+    return jsonify(**out, token=secret, note="the token is shown once; store it now"), 201
+
+
+@bp.delete("/tokens/<int:token_id>")
+@login_required("admin")
+def revoke_token(token_id: int):
+    with ctx().session_factory() as s:
+        return jsonify(ser.token(data.revoke_token(s, _tid(), token_id)))
+
+
+@bp.get("/users")
+@login_required("admin")
+def users():
+    with ctx().session_factory() as s:
+        return jsonify(items=[ser.user(u) for u in data.list_users(s, _tid())])
+
+
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
+
+
+@bp.post("/users")
+@login_required("admin")
+def create_user():
+    payload = body()
+    email = _str(payload, "email", max_len=254, pattern=EMAIL).lower()
+    password = payload.get("password")
+    if not isinstance(password, str) or len(password) < 10:
+        raise BadRequest("field 'password' must be a string of at least 10 characters")
+    role = _role(payload, "viewer")
+    with ctx().session_factory() as s:
+        try:
+            u = data.create_user(s, _tid(), email, password, role)
+        except Exception as exc:
+            s.rollback()
+            if isinstance(exc, ValueError) or type(exc).__name__ == "IntegrityError":
+                return jsonify(error=f"a user {email!r} already exists"), 409
+            raise
+        return jsonify(ser.user(u)), 201
+
+
+# --- OpenAPI ----------------------------------------------------------------------------------------------
+
+@bp.get("/openapi.json")
+def openapi():
+    from cloud.web.openapi import spec
+    return jsonify(spec())

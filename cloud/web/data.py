@@ -1,0 +1,190 @@
+"""The web tier's only door to the database: thin adapters over ``cloud.db.repo`` (tenant-scoped queries).
+
+Every function takes an open session and the tenant id explicitly, forwards to the repo and commits writes (the
+repo flushes, the caller owns the transaction). The one read helper the repo does not offer (active alarm counts
+per device) lives at the bottom, tenant-scoped the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from cloud.db import repo
+from cloud.db.models import Alarm, ApiToken, Device, Telemetry, User
+
+
+NotFound = repo.NotFound  # one exception for "missing or another tenant's" -> 404
+
+
+def _pair(result: Any) -> tuple[list, int | None]:
+    """Repo list functions may return a list or (list, total)."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], list):
+        return result[0], result[1]
+    return list(result), None
+
+
+# --- devices ----------------------------------------------------------------------------------------------
+
+def list_devices(s, tenant_id: int, search: str | None, sort: str, limit: int, offset: int):
+    return _pair(repo.list_devices(s, tenant_id, search=search, sort=sort, limit=limit, offset=offset))
+
+
+def get_device(s, tenant_id: int, device_id: str) -> Device:
+    d = repo.get_device(s, tenant_id, device_id)
+    if d is None:
+        raise NotFound(f"device {device_id!r} not found")
+    return d
+
+
+def create_device(s, tenant_id: int, device_id: str, name: str) -> tuple[Device, str]:
+    device, password = repo.create_device(s, tenant_id, device_id, name)  # ValueError: taken / invalid
+    s.commit()
+    return device, password
+
+
+def rotate_device(s, tenant_id: int, device_id: str) -> str:
+    get_device(s, tenant_id, device_id)
+    password = repo.rotate_device_password(s, tenant_id, device_id)
+    s.commit()
+    return password
+
+
+def revoke_device(s, tenant_id: int, device_id: str) -> Device:
+    get_device(s, tenant_id, device_id)
+    device = repo.revoke_device(s, tenant_id, device_id)
+    s.commit()
+    return device
+
+
+def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -> Any:
+    get_device(s, tenant_id, device_id)
+    return repo.history(s, tenant_id, device_id, start, end)
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+def create_command(s, tenant_id: int, device_id: str, cmd, created_by: str):
+    row = repo.create_command(s, tenant_id, device_id, cmd, created_by=created_by)
+    s.commit()
+    return row
+
+
+def get_command(s, tenant_id: int, cid: str):
+    row = repo.get_command(s, tenant_id, cid)
+    if row is None:
+        raise NotFound(f"command {cid!r} not found")
+    return row
+
+
+def list_commands(s, tenant_id: int, device_id: str | None, limit: int, offset: int):
+    return _pair(repo.list_commands(s, tenant_id, device_id=device_id, limit=limit, offset=offset))
+
+
+# --- alarms -----------------------------------------------------------------------------------------------
+
+def list_alarms(s, tenant_id: int, *, state: str | None, device_id: str | None, severity: str | None,
+                limit: int, offset: int):
+    return _pair(repo.list_alarms(s, tenant_id, state=state, device_id=device_id, severity=severity,
+                                  limit=limit, offset=offset))
+
+
+def ack_alarm(s, tenant_id: int, alarm_id: str, by: str):
+    a = repo.ack_alarm(s, tenant_id, alarm_id, by)
+    if a is None:
+        raise NotFound(f"alarm {alarm_id!r} not found")
+    s.commit()
+    return a
+
+
+def clear_alarm(s, tenant_id: int, alarm_id: str, by: str):
+    a = repo.clear_alarm(s, tenant_id, alarm_id, by)
+    if a is None:
+        raise NotFound(f"alarm {alarm_id!r} not found")
+    s.commit()
+    return a
+
+
+# --- rules ------------------------------------------------------------------------------------------------
+
+def list_rules(s, tenant_id: int, device_id: str | None = None):
+    return list(repo.list_rules(s, tenant_id, device_id=device_id))
+
+
+def get_rule(s, tenant_id: int, rule_id: int):
+    r = repo.get_rule(s, tenant_id, rule_id)
+    if r is None:
+        raise NotFound(f"rule {rule_id} not found")
+    return r
+
+
+def create_rule(s, tenant_id: int, data: dict):
+    r = repo.create_rule(s, tenant_id, **data)
+    s.commit()
+    return r
+
+
+def update_rule(s, tenant_id: int, rule_id: int, data: dict):
+    r = repo.update_rule(s, tenant_id, rule_id, **data)
+    s.commit()
+    return r
+
+
+def delete_rule(s, tenant_id: int, rule_id: int) -> None:
+    if not repo.delete_rule(s, tenant_id, rule_id):
+        raise NotFound(f"rule {rule_id} not found")
+    s.commit()
+
+
+# --- tokens and users -------------------------------------------------------------------------------------
+
+def create_token(s, tenant_id: int, name: str, role: str) -> tuple[Any, str]:
+    tok, secret = repo.create_api_token(s, tenant_id, name, role)
+    s.commit()
+    return tok, secret
+
+
+def authenticate_token(s, token: str):
+    return repo.authenticate_token(s, token)
+
+
+def list_tokens(s, tenant_id: int) -> list[ApiToken]:
+    return repo.list_api_tokens(s, tenant_id)
+
+
+def revoke_token(s, tenant_id: int, token_id: int) -> ApiToken:
+    tok = repo.revoke_api_token(s, tenant_id, token_id)
+    if tok is None:
+        raise NotFound(f"token {token_id} not found")
+    s.commit()
+    return tok
+
+
+def list_users(s, tenant_id: int) -> list[User]:
+    return repo.list_users(s, tenant_id)
+
+
+def create_user(s, tenant_id: int, email: str, password: str, role: str):
+    u = repo.create_user(s, tenant_id, email, password, role)
+    s.commit()
+    return u
+
+
+# --- web-local read helpers (tenant-scoped) ---------------------------------------------------------------
+
+def active_alarm_counts(s, tenant_id: int, device_ids: list[str] | None = None) -> dict[str, int]:
+    q = (select(Alarm.device_id, func.count()).where(Alarm.tenant_id == tenant_id, Alarm.state != "cleared")
+         .group_by(Alarm.device_id))
+    if device_ids is not None:
+        q = q.where(Alarm.device_id.in_(device_ids))
+    return {d: n for d, n in s.execute(q)}
+
+
+def latest_from_db(s, tenant_id: int, device_ids: list[str]) -> dict[str, Telemetry]:
+    return repo.latest_reading_per_device(s, tenant_id, device_ids) if device_ids else {}
+
+
+def recent_readings(s, tenant_id: int, device_id: str, limit: int = 20) -> list[Telemetry]:
+    return repo.latest_readings(s, tenant_id, device_id, limit)

@@ -1,0 +1,273 @@
+"""HTML pages: fleet overview, device page, alarms, provisioning/admin, API docs.
+
+Pages are rendered on the server (Jinja autoescape on) so they work without JavaScript; the scripts in
+/static then keep the values live over /ws and call the REST API for commands and history. Every form POST
+carries the session's CSRF token (checked in auth.check_csrf).
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+from flask import (Blueprint, abort, flash, g, redirect, render_template, request, url_for)
+
+from cloud import schema
+from cloud.web import api, ctx, data
+from cloud.web import serialize as ser
+from cloud.web.auth import ROLES, login_required
+
+bp = Blueprint("pages", __name__)
+
+FLEET_PAGE = 200
+
+
+def _tid() -> int:
+    return g.principal.tenant_id
+
+
+@bp.errorhandler(data.NotFound)
+def _not_found(exc):
+    return render_template("error.html", code=404, message=str(exc.args[0])), 404
+
+
+@bp.get("/")
+@login_required()
+def index():
+    return redirect(url_for("pages.fleet"))
+
+
+@bp.get("/fleet")
+@login_required()
+def fleet():
+    search = (request.args.get("search") or "").strip()[:120]
+    sort = request.args.get("sort", "name")
+    if sort not in api.DEVICE_SORTS:
+        sort = "name"
+    try:
+        offset = max(int(request.args.get("offset", 0)), 0)
+    except ValueError:
+        offset = 0
+    with ctx().session_factory() as s:
+        items, total = data.list_devices(s, _tid(), search or None, sort, FLEET_PAGE, offset)
+        latest = api.latest_for(s, _tid(), items)
+        counts = data.active_alarm_counts(s, _tid(), [d.id for d in items])
+        devices = [api.device_summary(d, latest.get(d.id), counts.get(d.id, 0)) for d in items]
+    return render_template("fleet.html", devices=devices, search=search, sort=sort, offset=offset, total=total,
+                           page_size=FLEET_PAGE, sorts=api.DEVICE_SORTS)
+
+
+@bp.get("/devices/<device_id>")
+@login_required()
+def device(device_id: str):
+    with ctx().session_factory() as s:
+        d = data.get_device(s, _tid(), device_id)
+        latest = api.latest_for(s, _tid(), [d]).get(d.id)
+        counts = data.active_alarm_counts(s, _tid(), [d.id])
+        summary = api.device_summary(d, latest, counts.get(d.id, 0))
+        rules = [ser.rule(r) for r in data.list_rules(s, _tid(), d.id)]
+        commands, _ = data.list_commands(s, _tid(), d.id, 20, 0)
+        commands = [ser.command(c) for c in commands]
+        readings = [ser.reading(r) for r in data.recent_readings(s, _tid(), d.id, 20)]
+        alarms, _ = data.list_alarms(s, _tid(), state="active", device_id=d.id, severity=None, limit=50, offset=0)
+        alarms = [ser.alarm(a) for a in alarms]
+    return render_template("device.html", device=summary, rules=rules, commands=commands, readings=readings,
+                           alarms=alarms, ops=schema.COMMAND_OPS, severities=schema.SEVERITIES)
+
+
+def _float_or_none(raw: str | None) -> float | None:
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise api.BadRequest(f"{raw!r} is not a number") from None
+
+
+def _rule_from_form() -> dict:
+    form = request.form
+    out = {
+        "name": (form.get("name") or "").strip()[:64],
+        "kind": form.get("kind") or "threshold",
+        "metric": form.get("metric") or "t",
+        "min": _float_or_none(form.get("min")),
+        "max": _float_or_none(form.get("max")),
+        "hysteresis": _float_or_none(form.get("hysteresis")) or 0.0,
+        "duration_s": int(_float_or_none(form.get("duration_s")) or 0),
+        "severity": form.get("severity") or "major",
+        "enabled": form.get("enabled") == "on",
+    }
+    if out["kind"] == "rate":
+        out["rate_per_min"] = _float_or_none(form.get("rate_per_min"))
+    if out["kind"] == "nodata":
+        nd = _float_or_none(form.get("nodata_s"))
+        out["nodata_s"] = int(nd) if nd is not None else None
+    return out
+
+
+@bp.post("/devices/<device_id>/rules")
+@login_required("operator")
+def save_rule(device_id: str):
+    rule_id = request.form.get("rule_id")
+    with ctx().session_factory() as s:
+        data.get_device(s, _tid(), device_id)
+        try:
+            if request.form.get("delete") and rule_id:
+                data.delete_rule(s, _tid(), int(rule_id))
+                flash("Rule deleted.")
+            elif rule_id:
+                data.update_rule(s, _tid(), int(rule_id), _rule_from_form())
+                flash("Rule saved.")
+            else:
+                data.create_rule(s, _tid(), {**_rule_from_form(), "device_id": device_id})
+                flash("Rule added.")
+        except (ValueError, api.BadRequest) as exc:
+            s.rollback()
+            flash(f"Rule not saved: {exc}", "error")
+    return redirect(url_for("pages.device", device_id=device_id) + "#rules")
+
+
+@bp.get("/alarms")
+@login_required()
+def alarms():
+    state = request.args.get("state", "active")
+    if state not in ("active", "all", *schema.ALARM_STATES):
+        state = "active"
+    severity = request.args.get("severity") or None
+    if severity not in schema.SEVERITIES:
+        severity = None
+    device_id = (request.args.get("device") or "").strip() or None
+    with ctx().session_factory() as s:
+        items, total = data.list_alarms(s, _tid(), state=None if state == "all" else state, device_id=device_id,
+                                        severity=severity, limit=200, offset=0)
+        items = [ser.alarm(a) for a in items]
+    return render_template("alarms.html", alarms=items, state=state, severity=severity or "",
+                           device=device_id or "", severities=schema.SEVERITIES, total=total)
+
+
+@bp.post("/alarms/<alarm_id>/<action>")
+@login_required("operator")
+def alarm_action(alarm_id: str, action: str):
+    if action not in ("ack", "clear"):
+        abort(404)
+    with ctx().session_factory() as s:
+        fn = data.ack_alarm if action == "ack" else data.clear_alarm
+        try:
+            a = ser.alarm(fn(s, _tid(), alarm_id, g.principal.email))
+        except ValueError as exc:
+            flash(str(exc), "error")
+            return redirect(request.referrer or url_for("pages.alarms"))
+    api.publish_alarm_event(a)
+    flash("Alarm acknowledged." if action == "ack" else "Alarm cleared.")
+    return redirect(url_for("pages.alarms"))
+
+
+# --- provisioning and administration (admin) --------------------------------------------------------------
+
+def _admin_page(**extra):
+    with ctx().session_factory() as s:
+        items, _ = data.list_devices(s, _tid(), None, "id", 500, 0)
+        devices = [ser.device(d) for d in items]
+        users = [ser.user(u) for u in data.list_users(s, _tid())]
+        tokens = [ser.token(t) for t in data.list_tokens(s, _tid())]
+    return render_template("admin.html", devices=devices, users=users, tokens=tokens, roles=ROLES, **extra)
+
+
+def _issued(device: dict, password: str) -> dict:
+    config = api.device_config(device, password)
+    text = json.dumps(config, indent=2)
+    return {"device": device, "credentials": api.credentials(device, password), "config_text": text,
+            "config_href": "data:application/json;charset=utf-8," + quote(text)}
+
+
+@bp.get("/admin")
+@login_required("admin")
+def admin():
+    return _admin_page()
+
+
+@bp.post("/admin/devices")
+@login_required("admin")
+def provision():
+    device_id = (request.form.get("id") or "").strip()
+    name = (request.form.get("name") or "").strip()[:120] or device_id
+    if not schema.DEVICE_ID.match(device_id):
+        flash("Device id: letters, digits, '.', '_', '-' (1..64, starting with a letter or digit).", "error")
+        return _admin_page(), 400
+    with ctx().session_factory() as s:
+        try:
+            device, password = data.create_device(s, _tid(), device_id, name)
+        except Exception as exc:
+            s.rollback()
+            if isinstance(exc, (ValueError, LookupError)) or type(exc).__name__ == "IntegrityError":
+                flash(f"Device id {device_id!r} is already taken.", "error")
+                return _admin_page(), 409
+            raise
+        issued = _issued(ser.device(device), password)
+    return _admin_page(issued=issued)
+
+
+@bp.post("/admin/devices/<device_id>/<action>")
+@login_required("admin")
+def device_action(device_id: str, action: str):
+    with ctx().session_factory() as s:
+        if action == "rotate":
+            password = data.rotate_device(s, _tid(), device_id)
+            issued = _issued(ser.device(data.get_device(s, _tid(), device_id)), password)
+            return _admin_page(issued=issued)
+        if action == "revoke":
+            data.revoke_device(s, _tid(), device_id)
+            flash(f"Device {device_id} revoked: it can no longer connect.")
+            return redirect(url_for("pages.admin"))
+    abort(404)
+
+
+@bp.post("/admin/users")
+@login_required("admin")
+def add_user():
+    email = (request.form.get("email") or "").strip().lower()
+    password = request.form.get("password") or ""
+    role = request.form.get("role") or "viewer"
+    if not api.EMAIL.match(email) or len(password) < 10 or role not in ROLES:
+        flash("Need a valid email, a password of at least 10 characters and a role.", "error")
+        return _admin_page(), 400
+    with ctx().session_factory() as s:
+        try:
+            data.create_user(s, _tid(), email, password, role)
+        except Exception as exc:
+            s.rollback()
+            if isinstance(exc, ValueError) or type(exc).__name__ == "IntegrityError":
+                flash(f"A user {email} already exists.", "error")
+                return _admin_page(), 409
+            raise
+    flash(f"User {email} created.")
+    return redirect(url_for("pages.admin"))
+
+
+@bp.post("/admin/tokens")
+@login_required("admin")
+def add_token():
+    name = (request.form.get("name") or "").strip()[:120]
+    role = request.form.get("role") or "viewer"
+    if not name or role not in ROLES:
+        flash("A token needs a name and a role.", "error")
+        return _admin_page(), 400
+    with ctx().session_factory() as s:
+        tok, secret = data.create_token(s, _tid(), name, role)
+        issued_token = {"name": tok.name, "role": tok.role, "token": secret}
+    return _admin_page(issued_token=issued_token)
+
+
+@bp.post("/admin/tokens/<int:token_id>/revoke")
+@login_required("admin")
+def revoke_token(token_id: int):
+    with ctx().session_factory() as s:
+        data.revoke_token(s, _tid(), token_id)
+    flash("Token revoked.")
+    return redirect(url_for("pages.admin"))
+
+
+@bp.get("/docs")
+def docs():
+    from cloud.web.openapi import spec
+    return render_template("docs.html", spec=spec())
