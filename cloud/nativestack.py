@@ -306,7 +306,8 @@ class Service:
         logf = open(self.log_path, "ab")
         try:
             with open(self.log_path, "ab") as hdr:
-                hdr.write(f"\n=== nativestack: {' '.join(map(str, cmd))}\n".encode())
+                shown = [c if len(str(c)) < 300 else str(c)[:120] + "...(truncated)" for c in cmd]
+                hdr.write(f"\n=== nativestack {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(map(str, shown))}\n".encode())
             return subprocess.Popen(
                 [str(c) for c in cmd],
                 stdin=subprocess.DEVNULL,
@@ -640,6 +641,9 @@ class Kafka(Service):
             "num.network.threads": 2,
             "num.io.threads": 4,
             "log.segment.bytes": 64 * 1024 * 1024,
+            # a restart after kill() waits for the old broker registration to expire: keep that short
+            "broker.heartbeat.interval.ms": 1000,
+            "broker.session.timeout.ms": 4000,
         }
         props.update(self.properties)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -650,8 +654,6 @@ class Kafka(Service):
             self.java,
             f"-Xms{self.heap[0]}",
             f"-Xmx{self.heap[1]}",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.log4j_path}",
             f"-Dkafka.logs.dir={self.workdir}",
@@ -705,13 +707,27 @@ class Kafka(Service):
         ]
         if not topics:
             return
-        for name, fut in self.admin().create_topics(topics, operation_timeout=30).items():
+        admin = self.admin()  # keep a reference: the futures fail if the client is destroyed
+        for name, fut in admin.create_topics(topics, operation_timeout=30).items():
             try:
                 fut.result(30)
             except Exception as exc:
                 err = exc.args[0] if exc.args else None
                 if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+        # wait until every partition has a leader
+        deadline = time.monotonic() + 30
+        wanted = {t.topic for t in topics}
+        while True:
+            md = admin.list_topics(timeout=10)
+            ok = all(
+                n in md.topics and md.topics[n].error is None and md.topics[n].partitions
+                and all(p.leader >= 0 for p in md.topics[n].partitions.values())
+                for n in wanted
+            )
+            if ok or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -888,7 +904,8 @@ class Postgres(Service):
             "port": self.port,
             "unix_socket_directories": str(self.socket_dir),
             "fsync": "on" if self.fsync else "off",
-            "synchronous_commit": "on" if self.fsync else "off",
+            # synchronous_commit stays on: with fsync off a commit is only a write() to the page cache,
+            # and a committed row then survives kill -9 of the postmaster (fault tests rely on it)
             "full_page_writes": "on" if self.fsync else "off",
             "max_connections": 200,
             "shared_buffers": "128MB",
