@@ -23,9 +23,24 @@ class Backlog:
         self._plen = 0
         self._recover()
 
+    def _save_pos(self):
+        # where the unread part of the file starts, so a reboot neither replays consumed entries
+        # (at most a few: saved on spill and every 16 pops) nor resurrects dropped ones
+        try:
+            with open(self.path + ".pos", "w") as f:
+                f.write(str(self.f_off))
+        except OSError:
+            pass
+
     def _recover(self):
         try:
+            with open(self.path + ".pos") as f:
+                self.f_off = int(f.read())
+        except (OSError, ValueError):
+            self.f_off = 0
+        try:
             with open(self.path) as f:
+                f.seek(self.f_off)
                 for line in f:
                     if line.strip():
                         self.f_n += 1
@@ -78,6 +93,7 @@ class Backlog:
             self._drop_file_head()
         if self.f_dead > self.file_max // 2 + 8:
             self._compact()
+        self._save_pos()
 
     def _read_head(self):
         with open(self.path) as f:
@@ -123,6 +139,8 @@ class Backlog:
             self.f_dead += 1
             if not self.f_n:
                 self._reset_file()
+            elif not self.f_dead & 15:
+                self._save_pos()
             return
         if self.n:
             self.ram[self.head] = None
@@ -131,7 +149,8 @@ class Backlog:
 
     def _reset_file(self):
         self.f_n = self.f_off = self.f_dead = 0
-        try:
-            os.remove(self.path)
-        except OSError:
-            pass
+        for p in (self.path, self.path + ".pos"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
