@@ -1,0 +1,688 @@
+"""The writer: the bus -> the database (and the latest-values cache), exactly once in effect.
+
+Consumer group ``writer`` on the telemetry, status, acks, command-status and alarm topics. Records are collected
+into batches (``settings.writer_batch_size`` records or ``settings.writer_batch_ms``, whichever comes first),
+stored in **one database transaction per batch**, and the bus offsets are committed only after that transaction
+committed (and after any dead letters were delivered). A crash anywhere therefore means redelivery, never loss,
+and redelivery is harmless because every write is idempotent:
+
+* telemetry: ``INSERT ... ON CONFLICT DO NOTHING`` on the reading's key. On PostgreSQL the table is partitioned
+  by day on ``ts``, and a partitioned table's primary key must contain the partition key, so the key is
+  (device_id, boot, seq, ts). For that to identify a *reading*, ``ts`` must be the same on every delivery and
+  every replay of it, which rules out the receive time. So ``ts`` is:
+
+  - the device clock (``ts`` in the message) when the device is synced and the value is plausible (no more
+    than 365 days older or 1 day newer than the bus record's timestamp); otherwise
+  - an estimate from the boot anchor: the first reading of a (device, boot) without a usable clock stores
+    ``booted_at = record time - up`` in ``device_boots`` (insert-if-absent, never changed afterwards), and every
+    such reading of that boot gets ``ts = booted_at + up`` (``ts_estimated`` = true). Deterministic, so
+    replays and redeliveries land on the same key, and close to the real time.
+
+  (A device whose clock is off by more than the window is treated as unsynced; a reading replayed so late that
+  the same clock value flips between plausible and implausible could be stored twice -- a deliberate trade-off
+  against a second, unpartitioned dedup index that would double the write cost.) SQLite keys on
+  (device_id, boot, seq) directly.
+* roll-ups (``telemetry_1m`` / ``telemetry_1h``): incremented in the same transaction from the rows the insert
+  actually added (``RETURNING``), so duplicates never count twice.
+* status -> devices.status / last_seen / firmware / boot; acks and command-status -> commands, moving the state
+  only forward (``schema.COMMAND_STATE_RANK``: an ack may overtake the bridge's "sent"); alarm events -> alarms
+  (timestamps set once, state derived from them).
+
+Failures:
+
+* a record that does not parse, or comes from an unknown (unprovisioned) device -> dead-letter topic with the
+  reason; nothing is lost and the batch goes on.
+* the database unreachable (refused, restarting, connection dropped) -> the batch is retried with exponential
+  backoff (0.2 s .. 10 s) until it commits; offsets are not committed meanwhile; ``health()`` reports it.
+* the database reachable but rejecting the batch (a value it cannot store) -> the batch is split in halves
+  until the offending record is isolated; it goes to the dead-letter topic, the rest is stored.
+* the cache (Redis) down -> counted and logged, the writer carries on.
+
+Run it with ``python -m cloud writer`` (or ``python -m cloud.writer``, configured by IOT_* variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import Engine, bindparam, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from cloud import schema
+from cloud.bus import Bus, BusError, Record
+from cloud.db import maintenance, repo
+from cloud.db.models import Command, Device, DeviceBoot, Telemetry, Telemetry1h, Telemetry1m
+
+log = logging.getLogger(__name__)
+
+GROUP = "writer"
+PLAUSIBLE_PAST_MS = 365 * 86_400_000
+PLAUSIBLE_FUTURE_MS = 86_400_000
+MAINTENANCE_EVERY_S = 3600
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
+OPERATIONAL_RETRIES = 3  # an operational error while the database answers pings: retry, then isolate
+
+ROWS = Counter("iot_writer_rows_inserted_total", "Telemetry rows inserted")
+DUPLICATES = Counter("iot_writer_duplicates_skipped_total", "Telemetry rows skipped as already stored")
+BATCHES = Counter("iot_writer_batches_total", "Batches committed")
+RECORDS = Counter("iot_writer_records_total", "Bus records processed", ["topic"])
+BATCH_SECONDS = Histogram("iot_writer_batch_seconds", "Time to store and commit one batch",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DEAD_LETTERS = Counter("iot_writer_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
+DB_ERRORS = Counter("iot_writer_db_errors_total", "Failed database transactions", ["kind"])
+LAG_SECONDS = Histogram("iot_writer_lag_seconds", "Bus record timestamp -> database commit",
+                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+UNMATCHED = Counter("iot_writer_unmatched_total", "Acks / command states for commands not in the database")
+PAUSED = Gauge("iot_writer_paused", "1 while the writer waits for the database to come back")
+
+
+def _reason_label(reason: str) -> str:
+    """A low-cardinality label for the dead-letter metric."""
+    if reason.startswith("unknown device"):
+        return "unknown_device"
+    if reason.startswith("database rejected"):
+        return "db_rejected"
+    return "invalid"
+
+
+@dataclass
+class Item:
+    """One bus record, parsed."""
+    record: Record
+    kind: str  # telemetry | status | ack | command_status | alarm
+    message: Any
+    device_id: str
+    tenant_id: int = 0
+
+
+@dataclass
+class Outcome:
+    inserted: list[tuple] = field(default_factory=list)  # (device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up)
+    duplicates: int = 0
+    statuses: list[tuple[Item, schema.Status]] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    alarms: list[tuple[int, schema.AlarmEvent]] = field(default_factory=list)
+    rejected: list[tuple[Record, str]] = field(default_factory=list)
+
+
+class DatabaseDown(Exception):
+    pass
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class Writer:
+    name = "writer"
+
+    def __init__(self, settings, bus: Bus, engine: Engine, cache, *, group: str = GROUP,
+                 maintenance_every_s: float = MAINTENANCE_EVERY_S, retention: bool = True):
+        self.settings = settings
+        self.bus = bus
+        self.engine = engine
+        self.cache = cache
+        self.group = group
+        self.topics = settings.topics
+        self.maintenance_every_s = maintenance_every_s
+        self.retention = retention
+        self.postgres = engine.dialect.name == "postgresql"
+        self._insert = pg_insert if self.postgres else sqlite_insert
+        self._devices: dict[str, int] = {}
+        self._anchors: dict[tuple[str, int], int] = {}
+        self._partitions: set[date] = set()
+        self._cached_ts: dict[str, int] = {}  # newest reading ts pushed to the cache per device
+        self._last_batch: float | None = None
+        self._last_error: str | None = None
+        self._paused_since: float | None = None
+        self._next_maintenance = 0.0
+        self._lock = threading.Lock()
+        self.producer = None
+        self.consumer = None
+
+    # --- service protocol ---------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        t = self.topics
+        self.consumer = self.bus.consumer(self.group, [t.telemetry, t.status, t.acks, t.command_status, t.alarms],
+                                          name="writer")
+        self.producer = self.bus.producer("writer")
+        log.info("writer: consuming %s as group %r", ", ".join([t.telemetry, t.status, t.acks, t.command_status,
+                                                                 t.alarms]), self.group)
+        try:
+            while not stop.is_set():
+                self._maybe_maintain(stop)
+                records = self._collect(stop)
+                if records:
+                    self.process(records, stop)
+        finally:
+            for closer in (self.consumer.close, self.producer.close):
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("writer: close failed: %s", exc)
+
+    def health(self) -> tuple[bool, dict]:
+        details: dict[str, Any] = {
+            "last_batch_age_s": None if self._last_batch is None else round(time.time() - self._last_batch, 3),
+            "paused_s": None if self._paused_since is None else round(time.monotonic() - self._paused_since, 1),
+            "last_error": self._last_error,
+        }
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            details["db"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            details["db"] = f"unreachable: {type(exc).__name__}"
+            return False, details
+        return self._paused_since is None, details
+
+    # --- batching -------------------------------------------------------------------------------------------
+    def _collect(self, stop: threading.Event) -> list[Record]:
+        size = self.settings.writer_batch_size
+        records = self.consumer.poll_batch(max_records=size, timeout=0.5)
+        if not records:
+            return []
+        deadline = time.monotonic() + self.settings.writer_batch_ms / 1000
+        while len(records) < size and not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            more = self.consumer.poll_batch(max_records=size - len(records), timeout=remaining)
+            if not more:
+                break
+            records.extend(more)
+        return records
+
+    def process(self, records: list[Record], stop: threading.Event | None = None) -> bool:
+        """Store one batch and then commit its offsets. Returns False if stopped before it was stored (the
+        offsets are then not committed and the records will be delivered again)."""
+        stop = stop or threading.Event()
+        started = time.monotonic()
+        items, rejected = self._parse(records)
+        outcome = self._store_with_retry(items, stop)
+        if outcome is None:
+            return False
+        rejected.extend(outcome.rejected)
+        if not self._send_dead_letters(rejected, stop):
+            return False
+        try:
+            self.consumer.commit(records)
+        except BusError as exc:  # partitions moved to another member: it will redeliver, which is harmless
+            log.warning("writer: offset commit failed (%s); the records will be redelivered", exc)
+        now = time.time()
+        for record in records:
+            if record.timestamp_ms:
+                LAG_SECONDS.observe(max(0.0, now - record.timestamp_ms / 1000))
+            RECORDS.labels(record.topic).inc()
+        BATCHES.inc()
+        BATCH_SECONDS.observe(time.monotonic() - started)
+        self._last_batch = now
+        self._publish(outcome)
+        return True
+
+    # --- parsing --------------------------------------------------------------------------------------------
+    def _parse(self, records: list[Record]) -> tuple[list[Item], list[tuple[Record, str]]]:
+        t = self.topics
+        max_bytes = self.settings.max_payload_bytes
+        items: list[Item] = []
+        rejected: list[tuple[Record, str]] = []
+        for record in records:
+            try:
+                if record.topic == t.telemetry:
+                    device = record.key or ""
+                    msg: Any = schema.parse_telemetry(device, record.value, max_bytes)
+                    items.append(Item(record, "telemetry", msg, device))
+                elif record.topic == t.status:
+                    device = record.key or ""
+                    msg = schema.parse_status(device, record.value, max_bytes)
+                    items.append(Item(record, "status", msg, device))
+                elif record.topic == t.acks:
+                    device = record.key or ""
+                    msg = schema.parse_ack(device, record.value, max_bytes)
+                    items.append(Item(record, "ack", msg, device))
+                elif record.topic == t.command_status:
+                    msg = schema.parse_command_status(record.value)
+                    items.append(Item(record, "command_status", msg, msg.device))
+                elif record.topic == t.alarms:
+                    msg = schema.parse_alarm_event(record.value)
+                    items.append(Item(record, "alarm", msg, msg.device))
+                else:
+                    rejected.append((record, f"unexpected topic {record.topic!r}"))
+            except schema.Rejected as exc:
+                rejected.append((record, exc.reason))
+        # tenants: from the in-process map, refreshed for ids it does not know yet
+        missing = {i.device_id for i in items if i.device_id not in self._devices}
+        if missing:
+            self._lookup_devices(missing)
+        known = []
+        for item in items:
+            tenant = self._devices.get(item.device_id)
+            if tenant is None:
+                rejected.append((item.record, f"unknown device {item.device_id!r}"))
+            else:
+                item.tenant_id = tenant
+                known.append(item)
+        return known, rejected
+
+    def _lookup_devices(self, device_ids: set[str]) -> None:
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    rows = conn.execute(select(Device.id, Device.tenant_id)
+                                        .where(Device.id.in_(sorted(device_ids)))).all()
+                break
+            except Exception as exc:  # noqa: BLE001 - database down: wait for it (the batch is not committed)
+                if not _is_outage(exc):
+                    raise
+                self._outage(exc, delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+        for device_id, tenant_id in rows:
+            self._devices[device_id] = tenant_id
+
+    # --- storing --------------------------------------------------------------------------------------------
+    def _outage(self, exc: BaseException, delay: float) -> None:
+        DB_ERRORS.labels("outage").inc()
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+            PAUSED.set(1)
+            log.warning("writer: database unavailable (%s); pausing, nothing is committed until it is back",
+                        str(exc).splitlines()[0][:200])
+        self._last_error = str(exc).splitlines()[0][:300]
+        time.sleep(delay)
+
+    def _db_reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _store_with_retry(self, items: list[Item], stop: threading.Event) -> Outcome | None:
+        delay = BACKOFF_MIN_S
+        operational_failures = 0
+        while True:
+            try:
+                outcome = self._store(items)
+                if self._paused_since is not None:
+                    log.info("writer: database back after %.1f s", time.monotonic() - self._paused_since)
+                    self._paused_since = None
+                    PAUSED.set(0)
+                return outcome
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _is_outage(exc) and not self._db_reachable():
+                    if stop.is_set():
+                        return None
+                    self._outage(exc, delay)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                if _is_outage(exc) and operational_failures < OPERATIONAL_RETRIES:
+                    operational_failures += 1  # e.g. a deadlock or a connection dropped mid-batch: try again
+                    DB_ERRORS.labels("transient").inc()
+                    log.info("writer: transient database error, retrying: %s", str(exc).splitlines()[0][:200])
+                    time.sleep(delay)
+                    continue
+                DB_ERRORS.labels("rejected").inc()
+                self._last_error = str(exc).splitlines()[0][:300]
+                return self._isolate(items, exc, stop)
+
+    def _isolate(self, items: list[Item], exc: BaseException, stop: threading.Event) -> Outcome | None:
+        """The database rejects this batch: store the halves separately until the culprit is alone."""
+        if len(items) == 1:
+            reason = f"database rejected: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            log.warning("writer: dead-lettering %s record at offset %s/%d: %s", items[0].record.topic,
+                        items[0].record.partition, items[0].record.offset, reason)
+            outcome = Outcome()
+            outcome.rejected.append((items[0].record, reason))
+            return outcome
+        middle = len(items) // 2
+        combined = Outcome()
+        for half in (items[:middle], items[middle:]):
+            part = self._store_with_retry(half, stop)
+            if part is None:
+                return None
+            combined.inserted += part.inserted
+            combined.duplicates += part.duplicates
+            combined.statuses += part.statuses
+            combined.commands += part.commands
+            combined.alarms += part.alarms
+            combined.rejected += part.rejected
+        return combined
+
+    def _store(self, items: list[Item]) -> Outcome:
+        outcome = Outcome()
+        readings = [i for i in items if i.kind == "telemetry"]
+        rows: list[dict] = []
+        if readings:
+            rows = self._telemetry_rows(readings, outcome)
+            if self.postgres:
+                self._create_partitions({r["ts"].date() for r in rows})
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            if readings:
+                self._store_telemetry(session, readings, rows, outcome)
+            self._store_devices(session, items, outcome)
+            self._store_commands(session, items, outcome)
+            for item in items:
+                if item.kind == "alarm":
+                    repo.apply_alarm_event(session, item.tenant_id, item.message)
+                    outcome.alarms.append((item.tenant_id, item.message))
+        ROWS.inc(len(outcome.inserted))
+        DUPLICATES.inc(outcome.duplicates)
+        return outcome
+
+    # telemetry ---------------------------------------------------------------------------------------------
+    def _create_partitions(self, days: set[date]) -> None:
+        missing = days - self._partitions
+        if not missing:
+            return
+        if not self._partitions:
+            self._partitions.update(maintenance.existing_partitions(self.engine))
+            missing = days - self._partitions
+        if missing:
+            maintenance.create_partitions(self.engine, missing)
+            self._partitions.update(missing)
+
+    def _anchor_for(self, readings: list[tuple[Item, int]]) -> None:
+        """Load or create the boot anchors of the readings that need an estimated time (in a transaction of
+        their own: an anchor is written once and never changes, so committing it early is harmless)."""
+        pairs = {(i.device_id, i.message.boot) for i, _ in readings} - set(self._anchors)
+        if not pairs:
+            return
+        first: dict[tuple[str, int], int] = {}
+        for item, rec in readings:
+            key = (item.device_id, item.message.boot)
+            if key in pairs and key not in first:
+                first[key] = rec - (item.message.up or 0) * 1000
+        pair_list = sorted(pairs)
+        rows = [{"device_id": d, "boot": b,
+                 "booted_at": datetime.fromtimestamp(first[(d, b)] / 1000, timezone.utc),
+                 "created_at": datetime.now(timezone.utc)} for d, b in pair_list]
+        with Session(self.engine) as session, session.begin():
+            session.execute(self._insert(DeviceBoot).on_conflict_do_nothing(), rows)
+            for chunk_start in range(0, len(pair_list), 500):
+                chunk = pair_list[chunk_start:chunk_start + 500]
+                found = session.execute(select(DeviceBoot.device_id, DeviceBoot.boot, DeviceBoot.booted_at)
+                                        .where(tuple_(DeviceBoot.device_id, DeviceBoot.boot).in_(chunk)))
+                for device_id, boot, booted_at in found:
+                    self._anchors[(device_id, boot)] = int(booted_at.timestamp() * 1000)
+        if len(self._anchors) > 200_000:
+            self._anchors.clear()  # a cache: reloaded from device_boots on demand
+
+    def _event_ms(self, item: Item) -> tuple[int | None, int]:
+        rec = item.record.timestamp_ms or int(time.time() * 1000)
+        ts = item.message.ts
+        if ts is not None and rec - PLAUSIBLE_PAST_MS <= ts <= rec + PLAUSIBLE_FUTURE_MS:
+            return ts, rec
+        return None, rec
+
+    def _telemetry_rows(self, readings: list[Item], outcome: Outcome) -> list[dict]:
+        timed = [(item, *self._event_ms(item)) for item in readings]
+        unsynced = [(item, rec) for item, ts, rec in timed if ts is None]
+        if unsynced:
+            self._anchor_for(unsynced)
+        rows = []
+        seen: set[tuple[str, int, int]] = set()
+        for item, ts, rec in timed:
+            m: schema.Telemetry = item.message
+            key = (item.device_id, m.boot, m.seq)
+            if key in seen:  # the same reading twice in one batch
+                outcome.duplicates += 1
+                continue
+            seen.add(key)
+            estimated = ts is None
+            if estimated:
+                ts = self._anchors[(item.device_id, m.boot)] + (m.up or 0) * 1000
+            rows.append({
+                "device_id": item.device_id, "boot": m.boot, "seq": m.seq, "tenant_id": item.tenant_id,
+                "ts": datetime.fromtimestamp(ts / 1000, timezone.utc),
+                "received_at": datetime.fromtimestamp(rec / 1000, timezone.utc),
+                "t": m.t, "h": m.h, "p": m.p, "rssi": m.rssi, "up": m.up, "ts_estimated": estimated,
+            })
+        return rows
+
+    def _store_telemetry(self, session: Session, readings: list[Item], rows: list[dict], outcome: Outcome) -> None:
+        table = Telemetry.__table__
+        stmt = self._insert(table).on_conflict_do_nothing().returning(
+            table.c.device_id, table.c.tenant_id, table.c.ts, table.c.t, table.c.h, table.c.p, table.c.rssi,
+            table.c.seq, table.c.boot, table.c.up)
+        inserted = session.execute(stmt, rows).all() if rows else []
+        outcome.inserted = [tuple(r) for r in inserted]
+        outcome.duplicates += len(rows) - len(inserted)
+        if inserted:
+            self._rollup(session, outcome.inserted)
+        # devices: last_seen (record time), firmware and boot from the newest reading
+        latest: dict[str, tuple[int, Item]] = {}
+        for item in readings:
+            rec = item.record.timestamp_ms or int(time.time() * 1000)
+            if item.device_id not in latest or rec >= latest[item.device_id][0]:
+                latest[item.device_id] = (rec, item)
+        params = [{"d": device, "ls": datetime.fromtimestamp(rec / 1000, timezone.utc), "fw": item.message.fw,
+                   "boot": item.message.boot} for device, (rec, item) in sorted(latest.items())]
+        session.execute(text(
+            "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < :ls THEN :ls "
+            "ELSE last_seen END, firmware = COALESCE(:fw, firmware), boot = :boot WHERE id = :d")
+            .bindparams(bindparam("ls", type_=Device.__table__.c.last_seen.type)), params)
+
+    def _rollup(self, session: Session, inserted: list[tuple]) -> None:
+        for model, unit in ((Telemetry1m, 60), (Telemetry1h, 3600)):
+            buckets: dict[tuple[str, int], dict[str, Any]] = {}
+            for device_id, tenant_id, ts, t, h, p, *_ in inserted:
+                epoch = int(ts.timestamp()) // unit * unit
+                agg = buckets.get((device_id, epoch))
+                if agg is None:
+                    agg = buckets[(device_id, epoch)] = {
+                        "device_id": device_id, "bucket": datetime.fromtimestamp(epoch, timezone.utc),
+                        "tenant_id": tenant_id, "n": 0,
+                        **{f"{m}_{k}": (0 if k in ("n", "sum") else None) for m in "thp"
+                           for k in ("n", "sum", "min", "max")}}
+                agg["n"] += 1
+                for m, value in (("t", t), ("h", h), ("p", p)):
+                    if value is None:
+                        continue
+                    agg[f"{m}_n"] += 1
+                    agg[f"{m}_sum"] += value
+                    agg[f"{m}_min"] = value if agg[f"{m}_min"] is None else min(agg[f"{m}_min"], value)
+                    agg[f"{m}_max"] = value if agg[f"{m}_max"] is None else max(agg[f"{m}_max"], value)
+            table = model.__table__
+            stmt = self._insert(table)
+            ex = stmt.excluded
+            least = "least" if self.postgres else "min"
+            greatest = "greatest" if self.postgres else "max"
+            from sqlalchemy import func
+
+            values = {"n": table.c.n + ex.n}
+            for m in "thp":
+                values[f"{m}_n"] = table.c[f"{m}_n"] + ex[f"{m}_n"]
+                values[f"{m}_sum"] = func.coalesce(table.c[f"{m}_sum"], 0) + func.coalesce(ex[f"{m}_sum"], 0)
+                cur, new = table.c[f"{m}_min"], ex[f"{m}_min"]
+                values[f"{m}_min"] = getattr(func, least)(func.coalesce(cur, new), func.coalesce(new, cur))
+                cur, new = table.c[f"{m}_max"], ex[f"{m}_max"]
+                values[f"{m}_max"] = getattr(func, greatest)(func.coalesce(cur, new), func.coalesce(new, cur))
+            stmt = stmt.on_conflict_do_update(index_elements=[table.c.device_id, table.c.bucket], set_=values)
+            session.execute(stmt, [buckets[k] for k in sorted(buckets)])
+
+    # devices, commands -------------------------------------------------------------------------------------
+    def _store_devices(self, session: Session, items: list[Item], outcome: Outcome) -> None:
+        last: dict[str, Item] = {}
+        for item in items:
+            if item.kind == "status":
+                last[item.device_id] = item  # per-device order is kept by the bus key: the last one wins
+        for device_id in sorted(last):
+            item = last[device_id]
+            status: schema.Status = item.message
+            values: dict[str, Any] = {"status": status.state,
+                                      "last_seen": datetime.fromtimestamp(
+                                          (item.record.timestamp_ms or time.time() * 1000) / 1000, timezone.utc)}
+            if status.fw:
+                values["firmware"] = status.fw
+            if status.boot is not None:
+                values["boot"] = status.boot
+            session.execute(update(Device).where(Device.id == device_id).values(**values))
+            outcome.statuses.append((item, status))
+
+    def _store_commands(self, session: Session, items: list[Item], outcome: Outcome) -> None:
+        events = [i for i in items if i.kind in ("ack", "command_status")]
+        if not events:
+            return
+        cids = sorted({i.message.cid for i in events})
+        rows = {c.cid: c for c in session.scalars(select(Command).where(Command.cid.in_(cids))
+                                                   .with_for_update() if self.postgres else
+                                                   select(Command).where(Command.cid.in_(cids)))}
+        changed: dict[str, Command] = {}
+        for item in events:
+            row = rows.get(item.message.cid)
+            if row is None or row.device_id != item.device_id or row.tenant_id != item.tenant_id:
+                UNMATCHED.inc()  # e.g. a command sent by a rule action, which has no row
+                continue
+            at = datetime.fromtimestamp((item.record.timestamp_ms or time.time() * 1000) / 1000, timezone.utc)
+            if item.kind == "ack":
+                ack: schema.Ack = item.message
+                state = "delivered" if ack.ok else "failed"
+                if repo.advance_command(row, state, at, ok=ack.ok, result=ack.result, error=ack.err):
+                    changed[row.cid] = row
+            else:
+                cs: schema.CommandStatus = item.message
+                if cs.state == "queued":
+                    continue
+                if repo.advance_command(row, cs.state, datetime.fromtimestamp(cs.ts / 1000, timezone.utc)):
+                    changed[row.cid] = row
+        outcome.commands = list(changed.values())
+
+    # --- after the commit -------------------------------------------------------------------------------------
+    def _send_dead_letters(self, rejected: list[tuple[Record, str]], stop: threading.Event) -> bool:
+        if not rejected:
+            return True
+        errors: list[Exception] = []
+
+        def delivered(err, _record):
+            if err is not None:
+                errors.append(err)
+
+        for record, reason in rejected:
+            DEAD_LETTERS.labels(_reason_label(reason)).inc()
+            log.info("writer: dead letter from %s (key %s): %s", record.topic, record.key, reason)
+            self.producer.produce(self.topics.deadletter, record.key,
+                                  schema.dead_letter(record.topic, record.value, reason, key=record.key),
+                                  headers={"source": "writer", "reason": reason[:200]}, on_delivery=delivered)
+        delay = BACKOFF_MIN_S
+        while self.producer.flush(10) > 0 or errors:
+            if stop.is_set():
+                return False
+            if errors:  # could not be delivered: produce again (a duplicate dead letter beats a lost one)
+                log.warning("writer: dead-letter delivery failed (%s); retrying", errors[0])
+                errors.clear()
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                for record, reason in rejected:
+                    self.producer.produce(self.topics.deadletter, record.key,
+                                          schema.dead_letter(record.topic, record.value, reason, key=record.key),
+                                          headers={"source": "writer"}, on_delivery=delivered)
+        return True
+
+    def _publish(self, outcome: Outcome) -> None:
+        """Latest values into the cache and live events per tenant. Best effort: the cache swallows errors."""
+        try:
+            updates: list[tuple[int, str, dict]] = []
+            events: list[tuple[int, dict]] = []
+            newest: dict[str, tuple] = {}
+            for row in outcome.inserted:
+                device_id, ts = row[0], row[2]
+                if device_id not in newest or ts >= newest[device_id][2]:
+                    newest[device_id] = row
+            for device_id, (_, tenant_id, ts, t, h, p, rssi, seq, boot, up) in newest.items():
+                ts_ms = int(ts.timestamp() * 1000)
+                if ts_ms < self._cached_ts.get(device_id, 0):
+                    continue  # an old reading (backlog replay) must not replace a newer one
+                self._cached_ts[device_id] = ts_ms
+                fields = {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up,
+                          "last_seen": int(time.time() * 1000)}
+                updates.append((tenant_id, device_id, fields))
+                events.append((tenant_id, {"type": "reading", "device": device_id, **fields}))
+            for item, status in outcome.statuses:
+                seen = item.record.timestamp_ms or int(time.time() * 1000)
+                fields = {"status": status.state, "last_seen": seen}
+                if status.fw:
+                    fields["fw"] = status.fw
+                updates.append((item.tenant_id, item.device_id, fields))
+                events.append((item.tenant_id, {"type": "status", "device": item.device_id, "state": status.state,
+                                                "ts": seen, "fw": status.fw, "boot": status.boot}))
+            for row in outcome.commands:
+                events.append((row.tenant_id, {"type": "command", "device": row.device_id, "cid": row.cid,
+                                               "op": row.op, "status": row.status, "ok": row.ok,
+                                               "error": row.error, "result": row.result}))
+            for tenant_id, event in outcome.alarms:
+                events.append((tenant_id, {"type": "alarm", "alarm_id": event.alarm_id, "device": event.device,
+                                           "rule": event.rule, "metric": event.metric, "value": event.value,
+                                           "threshold": event.threshold, "severity": event.severity,
+                                           "state": event.state, "ts": event.ts}))
+            if len(self._cached_ts) > 1_000_000:
+                self._cached_ts.clear()
+            _call(self.cache, "update_many", updates)
+            _call(self.cache, "publish_many", events)
+        except Exception as exc:  # noqa: BLE001 - the cache is never allowed to stop the writer
+            log.warning("writer: cache update failed: %s", exc)
+
+    # --- maintenance ------------------------------------------------------------------------------------------
+    def _maybe_maintain(self, stop: threading.Event) -> None:
+        now = time.monotonic()
+        if now < self._next_maintenance:
+            return
+        self._next_maintenance = now + self.maintenance_every_s
+        try:
+            if self.postgres:
+                self._partitions.update(maintenance.existing_partitions(self.engine))
+                created = maintenance.ensure_partitions(self.engine, days_ahead=2)
+                self._partitions.update(datetime.strptime(n[len("telemetry_p"):], "%Y%m%d").date()
+                                        for n in created)
+            if self.retention:
+                report = maintenance.apply_retention(self.engine)
+                if report["dropped_partitions"] or report["deleted_rows"]:
+                    log.info("writer: retention %s", report)
+                    self._partitions.clear()
+        except Exception as exc:  # noqa: BLE001 - retried on the next round; inserts create what they need
+            log.warning("writer: maintenance failed: %s", str(exc).splitlines()[0][:200])
+            self._next_maintenance = now + 30
+
+
+def _call(cache, method: str, items: list) -> None:
+    if not items:
+        return
+    fn = getattr(cache, method, None)
+    if fn is not None:
+        fn(items)
+        return
+    single = "update" if method == "update_many" else "publish"
+    for args in items:
+        getattr(cache, single)(*args)
+
+
+def main() -> int:
+    """``python -m cloud.writer``: the writer alone, configured from IOT_* variables."""
+    from cloud import settings as settings_mod
+    from cloud.bus import from_settings
+    from cloud.cache import cache_from_settings
+    from cloud.db import make_engine
+    from cloud.service import serve, setup_logging
+
+    settings = settings_mod.load()
+    setup_logging(settings.log_level)
+    writer = Writer(settings, from_settings(settings), make_engine(settings.database_url),
+                    cache_from_settings(settings))
+    return serve(writer, ops_port=settings.metrics_port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
