@@ -1,0 +1,289 @@
+"""The stream I/O the alarm engine needs beyond the generic bus interface, for Kafka and for the in-process bus.
+
+The engine keeps per-device state that lives with the input partition, so it must know *when* partitions come
+and go (to restore state before the first record and to checkpoint before giving a partition away) and it must
+read one partition of its changelog from the beginning. ``cloud.bus`` has neither (no rebalance callbacks, no
+partition reads), so this module provides them:
+
+* :class:`KafkaIO` -- its own confluent-kafka consumer (same defaults as :mod:`cloud.bus.kafka`, but the *range*
+  assignor, so partition N of the telemetry, status and alarm topics always goes to the same member: a device's
+  state is never split between two instances) with on_assign/on_revoke/on_lost callbacks; its own producer that
+  can write to an explicit partition (the changelog partition = the input partition, whatever partitioner wrote
+  the input); a restore reader that assigns changelog partitions and reads them to the high watermark.
+* :class:`MemoryIO` -- the bus's own consumer and producer; assignment changes are detected by comparing the
+  consumer's assignment before and after each poll (the in-process bus rebalances synchronously); restore reads
+  the changelog partition straight from the bus.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Iterator
+
+from cloud.bus import Record
+
+log = logging.getLogger(__name__)
+
+PartitionsCallback = Callable[[set[int]], None]
+
+
+class StreamIO:
+    """What the engine calls. ``on_assign``/``on_revoke``/``on_lost`` are set by the engine."""
+    on_assign: PartitionsCallback
+    on_revoke: PartitionsCallback
+    on_lost: PartitionsCallback
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]: ...
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None: ...
+
+    def produce(self, topic: str, key: str, value: bytes, headers: dict[str, str] | None = None,
+                partition: int | None = None) -> None: ...
+
+    def serve(self) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> int: ...
+
+    def restore(self, topic: str, partitions: set[int]) -> Iterator[tuple[int, str | None, bytes | None]]: ...
+
+    def ensure_changelog(self, topic: str, input_topic: str, partitions: int, replication: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- Kafka ----------------------------------------------------------------------------------------------------
+
+class KafkaIO(StreamIO):
+    def __init__(self, bootstrap: str, group: str, topics: list[str], name: str = "alarms",
+                 extra: dict | None = None):
+        from confluent_kafka import Consumer, Producer
+
+        from cloud.bus.kafka import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
+
+        self.bootstrap = bootstrap
+        self.group = group
+        self.topics = topics
+        self.extra = dict(extra or {})
+        self.producer_errors = 0
+        conf = {"bootstrap.servers": bootstrap, "group.id": group, "client.id": name, **CONSUMER_DEFAULTS,
+                # co-partitioning: partition N of every input topic to the same member (see module docstring)
+                "partition.assignment.strategy": "range", **self.extra}
+        self._consumer = Consumer(conf)
+        self._producer = Producer({"bootstrap.servers": bootstrap, "client.id": name, **PRODUCER_DEFAULTS,
+                                   "linger.ms": 2, **self.extra})
+        self._subscribed = False
+
+    def _subscribe(self) -> None:
+        def assign(_consumer, tps):
+            self.on_assign({tp.partition for tp in tps})
+
+        def revoke(_consumer, tps):
+            self.on_revoke({tp.partition for tp in tps})
+
+        def lost(_consumer, tps):
+            self.on_lost({tp.partition for tp in tps})
+
+        self._consumer.subscribe(self.topics, on_assign=assign, on_revoke=revoke, on_lost=lost)
+        self._subscribed = True
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        from confluent_kafka import KafkaError
+
+        if not self._subscribed:
+            self._subscribe()
+        out = []
+        for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            key = msg.key()
+            out.append(Record(msg.topic(), msg.partition(), msg.offset(),
+                              key.decode("utf-8", "replace") if key is not None else None, msg.value() or b"",
+                              {k: (v.decode("utf-8", "replace") if v is not None else "")
+                               for k, v in (msg.headers() or [])}, msg.timestamp()[1]))
+        return out
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        if offsets:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                  asynchronous=False)
+
+    def _on_delivery(self, err, _msg) -> None:
+        if err is not None:
+            self.producer_errors += 1
+            log.error("alarm service: a record was not delivered: %s", err)
+
+    def produce(self, topic: str, key: str, value: bytes, headers: dict[str, str] | None = None,
+                partition: int | None = None) -> None:
+        kwargs = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        if headers:
+            kwargs["headers"] = list(headers.items())
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def serve(self) -> None:
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return self._producer.flush(timeout)
+
+    def admin(self):
+        from confluent_kafka.admin import AdminClient
+
+        return AdminClient({"bootstrap.servers": self.bootstrap, **self.extra})
+
+    def partition_count(self, topic: str, timeout: float = 10.0) -> int | None:
+        md = self._producer.list_topics(topic, timeout=timeout)
+        info = md.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            return None
+        return len(info.partitions)
+
+    def ensure_changelog(self, topic: str, input_topic: str, partitions: int, replication: int) -> None:
+        """Create the compacted changelog with as many partitions as the input (idempotent); refuse one with
+        fewer partitions, because then some input partitions would have nowhere to keep their state."""
+        from confluent_kafka import KafkaError
+        from confluent_kafka.admin import NewTopic
+
+        wanted = self.partition_count(input_topic) or partitions
+        have = self.partition_count(topic, timeout=5)
+        if have is None:
+            config = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"}
+            futures = self.admin().create_topics([NewTopic(topic, num_partitions=wanted,
+                                                           replication_factor=replication, config=config)])
+            for fut in futures.values():
+                try:
+                    fut.result(30)
+                except Exception as exc:  # noqa: BLE001
+                    err = exc.args[0] if exc.args else None
+                    if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+            for _ in range(100):
+                if self.partition_count(topic, timeout=5):
+                    break
+                time.sleep(0.1)
+            have = self.partition_count(topic) or wanted
+        if have < wanted:
+            raise RuntimeError(f"changelog topic {topic} has {have} partitions but {input_topic} has {wanted}; "
+                               f"delete it (it is rebuilt from scratch only at the cost of the alarm state) or "
+                               f"add partitions")
+
+    def restore(self, topic: str, partitions: set[int]) -> Iterator[tuple[int, str | None, bytes | None]]:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        if not partitions:
+            return
+        reader = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.group}-restore",
+                           "enable.auto.commit": False, "enable.partition.eof": False,
+                           "fetch.max.bytes": 52_428_800, **self.extra})
+        try:
+            ends: dict[int, int] = {}
+            for p in partitions:
+                low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                if high > low:
+                    ends[p] = high
+            if not ends:
+                return
+            reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+            deadline = time.monotonic() + 300
+            while ends and time.monotonic() < deadline:
+                for msg in reader.consume(num_messages=10_000, timeout=1.0):
+                    if msg.error() is not None:
+                        continue
+                    p = msg.partition()
+                    key = msg.key()
+                    yield p, (key.decode() if key is not None else None), msg.value()
+                    if p in ends and msg.offset() >= ends[p] - 1:
+                        del ends[p]
+            if ends:
+                raise RuntimeError(f"changelog {topic} partitions {sorted(ends)} could not be read to the end")
+        finally:
+            reader.close()
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(30)
+        finally:
+            self._consumer.close()  # revokes: the engine checkpoints in on_revoke
+
+
+# --- the in-process bus -------------------------------------------------------------------------------------
+
+class MemoryIO(StreamIO):
+    def __init__(self, bus, group: str, topics: list[str]):
+        self.bus = bus
+        self.topics = topics
+        self._consumer = bus.consumer(group, topics, name="alarms")
+        self._producer = bus.producer("alarms")
+        self._held: set[int] = set()
+        self.producer_errors = 0
+
+    def _assigned(self) -> set[int]:
+        with self.bus._cond:
+            return {p for (_t, p) in self._consumer._assigned}
+
+    def _sync(self) -> None:
+        current = self._assigned()
+        gone, new = self._held - current, current - self._held
+        if gone:
+            self.on_lost(gone)  # already given away: nothing can be committed for them any more
+        if new:
+            self.on_assign(new)
+        self._held = current
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        self._sync()
+        records = self._consumer.poll_batch(max_records, timeout)
+        unseen = {r.partition for r in records} - self._held
+        if unseen:  # a rebalance between the check and the poll: restore before processing
+            self.on_assign(unseen)
+            self._held |= unseen
+        return records
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        from cloud.bus import BusError
+
+        if not offsets:
+            return
+        try:
+            self._consumer.commit([Record(t, p, o - 1, None, b"") for (t, p), o in offsets.items()])
+        except BusError as exc:
+            log.info("alarm service: %s", exc)
+
+    def produce(self, topic: str, key: str, value: bytes, headers: dict[str, str] | None = None,
+                partition: int | None = None) -> None:
+        # the in-process bus places by key with the same function for every producer, so the changelog record of
+        # a device lands in the partition number of its input records
+        self._producer.produce(topic, key, value, headers)
+
+    def serve(self) -> None:
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return self._producer.flush(timeout)
+
+    def ensure_changelog(self, topic: str, input_topic: str, partitions: int, replication: int) -> None:
+        with self.bus._cond:
+            self.bus._topic(topic)
+
+    def restore(self, topic: str, partitions: set[int]) -> Iterator[tuple[int, str | None, bytes | None]]:
+        with self.bus._cond:
+            parts = self.bus._topic(topic)
+            records: Iterable[Record] = [r for p in sorted(partitions) if p < len(parts) for r in parts[p].records]
+        for r in records:
+            yield r.partition, r.key, r.value
+
+    def close(self) -> None:
+        self._producer.flush()
+        self._consumer.close()
