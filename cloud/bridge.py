@@ -347,16 +347,16 @@ class Bridge:
                 inflight = self._inflight
                 readable = [sock] if len(inflight) < self.max_inflight else []
                 writable = [sock] if client.want_write() else []
-                timeout = 0.002 if inflight else 0.05
-                if hasattr(sock, "pending") and sock.pending() > 0:
-                    timeout = 0.0
+                # bytes already buffered (ours or TLS's) do not make the socket readable for select()
+                pending = readable and (client.buffered() > 0 or (hasattr(sock, "pending") and sock.pending() > 0))
+                timeout = 0.0 if pending else 0.002 if inflight else 0.05
                 try:
                     r, w, _ = select.select(readable, writable, [], timeout)
                 except (OSError, ValueError):  # the socket went away under us
                     r, w = [], []
                     client._sock_close()
                 rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-                if r or (readable and hasattr(sock, "pending") and sock.pending() > 0):
+                if r or pending:
                     rc = client.read_packets(max(1, self.max_inflight - len(inflight)))
                 self._pump_bus(producer)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is not None and client.want_write():
