@@ -314,7 +314,8 @@ class Service:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig,
+                # PDEATHSIG fires when the *thread* that forked exits: only safe from the main thread
+                preexec_fn=_set_pdeathsig if threading.current_thread() is threading.main_thread() else None,
                 cwd=kwargs.pop("cwd", str(self.workdir)),
                 **kwargs,
             )
@@ -342,7 +343,7 @@ class Service:
                 ok = self._ready()
             except Exception:
                 ok = False
-            if ok:
+            if ok and self.proc.poll() is None:  # not someone else answering on a port we lost
                 break
             if time.monotonic() > deadline:
                 if "Address already in use" in _tail(self.log_path, 400, log_start):
@@ -1027,15 +1028,19 @@ class Redis(Service):
         ]  # fmt: skip
 
     def _ready(self) -> bool:
-        if not _tcp_open(self.port):
-            return False
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        # raw RESP PING with a hard timeout (redis-py retries would stretch a failed probe to seconds)
         try:
-            return bool(client.ping())
-        finally:
-            client.close()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.startswith(b"+PONG") or data.startswith(b"-NOAUTH")
+        except OSError:
+            return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,8 +162,10 @@ def test_postgres_restart_and_kill(tmp_path):
         with psycopg.connect(pg.dsn) as conn:
             assert conn.execute("SELECT array_agg(v ORDER BY v) FROM t").fetchone()[0] == [1, 2]
     finally:
+        pids = [pg.pid] if pg.pid else []
         pg.close()
-    assert not port_is_free(pg.port) is True or port_is_free(pg.port)
+    assert_gone(pg, pids)
+    assert pg.base is None or not pg.base.exists()  # scratch cluster outside workdir removed by close()
 
 
 def test_postgres_broken_config_raises_with_log(tmp_path):
