@@ -90,6 +90,8 @@ class Broker:
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
+            if os.geteuid() == 0:  # started as root mosquitto would drop to its own user, who can't write here
+                lines += ["user root"]
         else:
             lines += ["persistence false"]
         conf.write_text("\n".join(lines) + "\n")
