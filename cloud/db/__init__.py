@@ -111,6 +111,17 @@ def upgrade(url: str | Engine, revision: str = "head") -> None:
     from alembic import command
 
     _run(url, lambda config: command.upgrade(config, revision))
+    if revision == "head" and not is_sqlite(url if isinstance(url, str) else url.url.drivername):
+        # PostgreSQL: telemetry partitions around today, so a fresh database takes readings at once (the writer
+        # keeps creating them; code inserting telemetry itself must call maintenance.create_partitions)
+        from cloud.db import maintenance
+
+        engine = url if isinstance(url, Engine) else make_engine(url)
+        try:
+            maintenance.ensure_partitions(engine, days_ahead=2, days_back=7)
+        finally:
+            if not isinstance(url, Engine):
+                engine.dispose()
 
 
 def downgrade(url: str | Engine, revision: str = "base") -> None:

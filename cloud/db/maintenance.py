@@ -157,7 +157,7 @@ def apply_retention(engine: Engine, now: datetime | None = None) -> dict:
 
 _PG_BUCKET = {"1m": "date_trunc('minute', ts)", "1h": "date_trunc('hour', ts)"}
 # SQLite stores UTC timestamps as 'YYYY-MM-DD HH:MM:SS[.ffffff]' text
-_SQLITE_BUCKET = {"1m": "substr(ts, 1, 16) || ':00.000000'", "1h": "substr(ts, 1, 13) || ':00:00.000000'"}
+_SQLITE_BUCKET = {"1m": "substr(ts, 1, 16) || '\\:00.000000'", "1h": "substr(ts, 1, 13) || '\\:00\\:00.000000'"}
 
 
 def refresh_rollups(engine: Engine, start: datetime, end: datetime, device_ids: list[str] | None = None) -> int:

@@ -321,8 +321,8 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
             .where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id,
                    Telemetry.ts >= start, Telemetry.ts < end)
             .order_by(Telemetry.ts, Telemetry.seq).limit(HISTORY_MAX_POINTS))
-        points = [{"ts": r.ts, "t": r.t, "h": r.h, "p": r.p, "rssi": r.rssi, "seq": r.seq, "boot": r.boot}
-                  for r in rows]
+        points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
+                  for ts, t, h, p, rssi, seq, boot in rows]
         return {"resolution": "raw", "bucket_s": None, "points": points}
     model = ROLLUPS.get(resolution)
     if model is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 from cloud.db import make_engine
+from cloud.db.migrations_support import include_name
 from cloud.db.models import Base
 
 config = context.config
@@ -14,7 +15,7 @@ target_metadata = Base.metadata
 def _configure(connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=connection.dialect.name == "sqlite",  # SQLite ALTERs via table copies
-                      compare_type=True)
+                      compare_type=True, include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 
