@@ -150,3 +150,30 @@ def test_outage_buffers_and_replays_in_order(tmp_path, device, mqtt):
         assert not any("drop" in m for m in rec.json("fw-outage/telemetry"))
     finally:
         broker.stop()
+
+
+def test_client_pid_wraps_and_qos1_has_no_nagle_delay(fw_broker, run_mpy, tmp_path, mqtt):
+    rec = mqtt(fw_broker.port, topics=("fw/pid",))
+    script = f"""
+import json, time
+from link import Client
+c = Client("fw-pid", "127.0.0.1", {fw_broker.port}, keepalive=10)
+c.set_callback(lambda t, m: None)
+c.connect()
+c.pid = 65530
+pids = []
+for i in range(10):
+    c.publish("fw/pid", str(i), qos=1)
+    pids.append(c.pid)
+t0 = time.ticks_ms()
+for i in range(50):
+    c.publish("fw/pid", "x", qos=1)
+dt = time.ticks_diff(time.ticks_ms(), t0)
+c.disconnect()
+print(json.dumps({{"pids": pids, "ms_per_qos1": dt / 50}}))
+"""
+    from .conftest import run_json
+    got = run_json(run_mpy, script, tmp_path)
+    assert got["pids"] == [65531, 65532, 65533, 65534, 65535, 1, 2, 3, 4, 5]
+    assert got["ms_per_qos1"] < 20, got  # Nagle + delayed ACK would make this ~40 ms
+    wait_for(lambda: len(rec.msgs) >= 60, 10, what="60 publishes")
