@@ -88,7 +88,6 @@ class AlarmEngine:
         for p in new:
             self.parts[p] = {}
             self.caught_up[p] = False
-        n = 0
         for p, key, value in self.io.restore(self.changelog, new):
             if key is None or p not in self.parts:
                 continue
@@ -97,9 +96,9 @@ class AlarmEngine:
                 continue
             try:
                 self.parts[p][key] = R.DeviceState.from_dict(json.loads(value))
-                n += 1
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("changelog record for %s unreadable, state reset: %s", key, exc)
+        n = sum(len(self.parts[p]) for p in new)
         self.counts["restored"] += n
         RESTORED.inc(n)
         self._update_active()
