@@ -77,7 +77,11 @@ def _consume(bootstrap, topic, n, timeout=30):
             "enable.auto.commit": False,
         }
     )
-    c.subscribe([topic])
+    # assign() all partitions instead of subscribe(): no group rebalance wait
+    from confluent_kafka import TopicPartition
+
+    md = c.list_topics(topic, timeout=10)
+    c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
     out = []
     deadline = time.monotonic() + timeout
     try:
