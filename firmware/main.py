@@ -109,6 +109,7 @@ class Device:
         if r is None:
             return
         self.seq += 1
+        print("reading %d t=%s h=%s p=%s" % (self.seq, r2(r[0]), r2(r[2]), r2(r[1])))
         self.led.alarm = exceeded(self.cfg["thresholds"], r[0], r[2], r[1])
         rssi = self.net.rssi() if self.net.isconnected() else None
         self.backlog.push(telemetry(self.id, self.boot, self.seq, self.net.now_ms(), r, rssi, self.up.s(),
