@@ -1,0 +1,84 @@
+"""Partitions, roll-ups and retention on real PostgreSQL (and retention on SQLite)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from sqlalchemy import func, select
+
+from cloud import db
+from cloud.db import maintenance
+from cloud.db.models import Telemetry, Telemetry1h, Telemetry1m
+
+from .helpers import count, provision
+
+NOW = datetime(2030, 6, 15, 12, 0, tzinfo=timezone.utc)
+
+
+def _insert(engine, tenant_id, device, days_ago: list[int]):
+    maintenance.create_partitions(engine, {(NOW - timedelta(days=d)).date() for d in days_ago})
+    with db.session_factory(engine)() as s:
+        for i, d in enumerate(days_ago):
+            ts = NOW - timedelta(days=d)
+            s.add(Telemetry(device_id=device, boot=1, seq=i, tenant_id=tenant_id, ts=ts, received_at=ts, t=20.0))
+        s.commit()
+    maintenance.refresh_rollups(engine, NOW - timedelta(days=max(days_ago) + 1), NOW + timedelta(days=1))
+
+
+def test_partitions_created_ahead_and_idempotent(pg_url, engine_at):
+    engine = engine_at(pg_url)
+    created = maintenance.ensure_partitions(engine, days_ahead=3, now=NOW)
+    assert created == [f"telemetry_p{(NOW + timedelta(days=d)):%Y%m%d}" for d in range(-1, 4)]
+    assert maintenance.ensure_partitions(engine, days_ahead=3, now=NOW) == []
+    parts = maintenance.existing_partitions(engine)
+    assert date(2030, 6, 18) in parts and date(2030, 6, 14) in parts
+    with engine.connect() as conn:
+        bound = conn.exec_driver_sql(
+            "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE relname = 'telemetry_p20300615'").scalar()
+    assert "2030-06-15 00:00:00+00" in bound and "2030-06-16 00:00:00+00" in bound
+
+
+def test_retention_drops_partitions_and_deletes_per_tenant(pg_url, engine_at):
+    engine = engine_at(pg_url)
+    ids = provision(engine, {"long": ["l1"], "short": ["s1"]}, retention={"long": 30, "short": 7})
+    _insert(engine, ids["long"], "l1", [1, 10, 29, 40, 50])
+    _insert(engine, ids["short"], "s1", [1, 5, 10, 20, 40])
+    report = maintenance.apply_retention(engine, now=NOW)
+    # partitions wholly older than the longest retention (30 days) are gone
+    assert f"telemetry_p{(NOW - timedelta(days=40)):%Y%m%d}" in report["dropped_partitions"]
+    assert f"telemetry_p{(NOW - timedelta(days=50)):%Y%m%d}" in report["dropped_partitions"]
+    assert all(day >= (NOW - timedelta(days=31)).date() for day in maintenance.existing_partitions(engine))
+    # the short-retention tenant lost its rows older than 7 days; the long one keeps 30 days
+    assert count(engine, "SELECT count(*) FROM telemetry WHERE device_id = 'l1'") == 3
+    assert count(engine, "SELECT count(*) FROM telemetry WHERE device_id = 's1'") == 2
+    assert report["deleted_rows"] == 2  # s1 at 10 and 20 days (40 went with its partition)
+    # one-minute roll-ups follow the tenant retention, hourly ones live longer
+    assert count(engine, "SELECT count(*) FROM telemetry_1m WHERE device_id = 's1'") == 2
+    assert count(engine, "SELECT count(*) FROM telemetry_1h WHERE device_id = 's1'") == 5
+
+
+def test_retention_on_sqlite(sqlite_url, engine_at):
+    engine = engine_at(sqlite_url)
+    ids = provision(engine, {"long": ["l1"], "short": ["s1"]}, retention={"long": 30, "short": 7})
+    _insert(engine, ids["long"], "l1", [1, 10, 40])
+    _insert(engine, ids["short"], "s1", [1, 10, 40])
+    maintenance.apply_retention(engine, now=NOW)
+    assert count(engine, "SELECT count(*) FROM telemetry WHERE device_id = 'l1'") == 2
+    assert count(engine, "SELECT count(*) FROM telemetry WHERE device_id = 's1'") == 1
+
+
+def test_refresh_rollups_aggregates(pg_url, engine_at):
+    engine = engine_at(pg_url)
+    ids = provision(engine, {"A": ["d1"]})
+    maintenance.create_partitions(engine, {NOW.date()})
+    with db.session_factory(engine)() as s:
+        for i, t in enumerate([10.0, 20.0, 30.0, None]):
+            s.add(Telemetry(device_id="d1", boot=1, seq=i, tenant_id=ids["A"], ts=NOW + timedelta(seconds=10 * i),
+                            received_at=NOW, t=t, h=50.0))
+        s.commit()
+    maintenance.refresh_rollups(engine, NOW, NOW + timedelta(minutes=1))
+    with db.session_factory(engine)() as s:
+        minute = s.scalar(select(Telemetry1m))
+        assert (minute.n, minute.t_n, minute.t_min, minute.t_max, minute.avg("t")) == (4, 3, 10.0, 30.0, 20.0)
+        assert minute.h_n == 4 and minute.bucket == NOW
+        assert s.scalar(select(func.sum(Telemetry1h.n))) == 4
