@@ -102,9 +102,9 @@ def unique_readings(records) -> set:
     return out
 
 
-def check_stream(records, prefix: str, devices: int, count: int, boot: int = 1) -> dict:
+def check_stream(records, prefix: str, devices: int, count: int, boot: int = 1, ordered: bool = True) -> dict:
     """Assert every (device, boot, seq) is present, keyed by its device, and each device's first occurrences
-    are in publish order. Returns the counts (records, unique, duplicates)."""
+    are in publish order (``ordered``). Returns the counts (records, unique, duplicates)."""
     per_device: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for msg in records:
         data = json.loads(msg.value())
@@ -124,7 +124,8 @@ def check_stream(records, prefix: str, devices: int, count: int, boot: int = 1) 
         lost = {(boot, s) for s in range(count)} - got
         if lost:
             missing.append((device, len(lost), sorted(lost)[:5]))
-        assert firsts == sorted(firsts), f"{device}: out of order: {firsts[:20]}"
+        if ordered:
+            assert firsts == sorted(firsts), f"{device}: out of order: {firsts[:20]}"
     assert not missing, f"missing readings (device, how many, first): {missing[:10]}"
     return {"records": len(records), "unique": devices * count, "duplicates": duplicates}
 
