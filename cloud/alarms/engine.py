@@ -85,20 +85,21 @@ class AlarmEngine:
         if not new:
             return
         started = time.monotonic()
-        for p in new:
-            self.parts[p] = {}
-            self.caught_up[p] = False
+        restored: dict[int, dict[str, R.DeviceState]] = {p: {} for p in new}
         for p, key, value in self.io.restore(self.changelog, new):
-            if key is None or p not in self.parts:
+            if key is None or p not in restored:
                 continue
             if value is None:
-                self.parts[p].pop(key, None)
+                restored[p].pop(key, None)
                 continue
             try:
-                self.parts[p][key] = R.DeviceState.from_dict(json.loads(value))
+                restored[p][key] = R.DeviceState.from_dict(json.loads(value))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("changelog record for %s unreadable, state reset: %s", key, exc)
-        n = sum(len(self.parts[p]) for p in new)
+        for p in new:
+            self.caught_up[p] = False
+        self.parts.update(restored)
+        n = sum(len(part) for part in restored.values())
         self.counts["restored"] += n
         RESTORED.inc(n)
         self._update_active()

@@ -160,7 +160,8 @@ class KafkaIO(StreamIO):
         have = self.partition_count(topic, timeout=5)
         if have is None:
             config = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": "3600000"}
-            futures = self.admin().create_topics([NewTopic(topic, num_partitions=wanted,
+            admin = self.admin()  # keep the handle alive until the futures resolve
+            futures = admin.create_topics([NewTopic(topic, num_partitions=wanted,
                                                            replication_factor=replication, config=config)])
             for fut in futures.values():
                 try:
