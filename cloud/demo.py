@@ -114,7 +114,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
     cache = cache_from_settings(settings)
 
     services = [
-        Bridge(settings, bus, shared_subscription=False),
+        Bridge(settings, bus, shared=False, mqtt_version=4),  # amqtt: MQTT 3.1.1, no $share
         Writer(settings, bus, engine, cache),
     ]
     try:

@@ -79,10 +79,27 @@ class SimulatedDevice:
     restarts: int = 0
     _console: object = field(default=None, repr=False)
 
-    def start(self) -> None:
+    def write_config(self) -> None:
+        """Write config.json, keeping what the device changed itself (e.g. an interval set by command) but
+        always taking the broker and identity from here, since those change between runs of the simulator."""
         self.flash_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.flash_dir / "config.json"
-        config_path.write_text(json.dumps(self.config, indent=2))
+        config = dict(self.config)
+        if config_path.exists():
+            try:
+                kept = json.loads(config_path.read_text())
+            except ValueError:
+                kept = {}
+            if isinstance(kept, dict):
+                config = {**kept, "device_id": self.config["device_id"], "mqtt": self.config["mqtt"]}
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, config_path)
+
+    def start(self) -> None:
+        """Power on. The supervisor calls this again after a reset; config.json is then left as the device has it."""
+        if self.restarts == 0:
+            self.write_config()
         cmd = [micropython_binary()]
         if self.heap_bytes:
             cmd += ["-X", f"heapsize={self.heap_bytes}"]
