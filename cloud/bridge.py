@@ -151,6 +151,8 @@ class Bridge:
         self._subscribed = False
         self._last_failure: str | None = None
         self._last_failure_at = 0.0
+        self._failure_logged_at = 0.0
+        self._failures_since_log = 0
         self._ingest_alive = False
         self._counts = {"received": 0, "acked": 0, "deadlettered": 0, "delivery_failures": 0}
 
@@ -179,7 +181,9 @@ class Bridge:
 
     def health(self) -> tuple[bool, dict]:
         oldest = self._inflight[0][_T0] if self._inflight else None
-        stalled = oldest is not None and time.time() - oldest > 60
+        # the bus is "not OK" while deliveries fail or the oldest unacknowledged message waits > 30 s
+        stalled = (oldest is not None and time.time() - oldest > 30) or \
+            (self._last_failure_at > 0 and time.time() - self._last_failure_at < 10)
         ingest_ok = (not self.run_ingest) or (self._connected and self._ingest_alive and not stalled)
         cmd_ok = (not self.run_commands) or (self._cmd_connected and self._cmd_alive)
         details = {
@@ -282,9 +286,13 @@ class Bridge:
             self._last_failure, self._last_failure_at = str(err), time.time()
             entry[_TRIES] += 1
             delay = min(10.0, 0.5 * 2 ** min(entry[_TRIES] - 1, 5))
-            if entry[_TRIES] <= 3 or entry[_TRIES] % 20 == 0:
-                log.warning("bus delivery to %s failed (%s); retrying in %.1fs (attempt %d)", entry[_TOPIC], err,
-                            delay, entry[_TRIES])
+            self._failures_since_log += 1
+            if time.monotonic() - self._failure_logged_at > 5:  # one line per 5 s, not one per message
+                log.warning("bus delivery to %s failed (%s); %d failed deliveries since the last report are "
+                            "retried with backoff (this one in %.1fs, attempt %d)", entry[_TOPIC], err,
+                            self._failures_since_log, delay, entry[_TRIES])
+                self._failure_logged_at = time.monotonic()
+                self._failures_since_log = 0
             heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
             return
         entry[_DONE] = True
