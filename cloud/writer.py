@@ -70,6 +70,7 @@ PLAUSIBLE_PAST_MS = 365 * 86_400_000
 PLAUSIBLE_FUTURE_MS = 86_400_000
 MAINTENANCE_EVERY_S = 3600
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
+DEVICE_UPDATE_EVERY_MS = 5000
 OPERATIONAL_RETRIES = 3  # an operational error while the database answers pings: retry, then isolate
 
 ROWS = Counter("iot_writer_rows_inserted_total", "Telemetry rows inserted")
@@ -107,7 +108,9 @@ class Item:
 
 @dataclass
 class Outcome:
-    inserted: list[tuple] = field(default_factory=list)  # (device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up)
+    # newest inserted row per device (at least): (device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up)
+    inserted: list[tuple] = field(default_factory=list)
+    inserted_count: int = 0
     duplicates: int = 0
     statuses: list[tuple[Item, schema.Status]] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
@@ -123,6 +126,41 @@ def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _utc_date(ms: int) -> date:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).date()
+
+
+def _rollup_cte(table: str, unit: str) -> str:
+    aggregates = ", ".join(f"count({m}), coalesce(sum({m}), 0), min({m}), max({m})" for m in "thp")
+    updates = ", ".join(
+        [f"n = r.n + excluded.n"]
+        + [part for m in "thp" for part in (
+            f"{m}_n = r.{m}_n + excluded.{m}_n",
+            f"{m}_sum = coalesce(r.{m}_sum, 0) + excluded.{m}_sum",
+            f"{m}_min = least(r.{m}_min, excluded.{m}_min)",  # least/greatest ignore NULLs
+            f"{m}_max = greatest(r.{m}_max, excluded.{m}_max)")])
+    return (f"INSERT INTO {table} AS r (device_id, bucket, tenant_id, n, t_n, t_sum, t_min, t_max, "
+            f"h_n, h_sum, h_min, h_max, p_n, p_sum, p_min, p_max) "
+            f"SELECT device_id, date_trunc('{unit}', ts), min(tenant_id), count(*), {aggregates} "
+            f"FROM ins GROUP BY device_id, date_trunc('{unit}', ts) ORDER BY 1, 2 "
+            f"ON CONFLICT (device_id, bucket) DO UPDATE SET {updates}")
+
+
+_PG_INSERT = (
+    "WITH ins AS ("
+    "INSERT INTO telemetry (device_id, boot, seq, tenant_id, ts, received_at, t, h, p, rssi, up, ts_estimated) "
+    "SELECT v.device_id, v.boot, v.seq, v.tenant_id, to_timestamp(v.ts_ms / 1000.0), to_timestamp(v.rec_ms / 1000.0), "
+    "v.t, v.h, v.p, v.rssi, v.up, v.est FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::int[], "
+    "%s::bigint[], %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::int[], %s::bigint[], %s::bool[]) "
+    "AS v(device_id, boot, seq, tenant_id, ts_ms, rec_ms, t, h, p, rssi, up, est) "
+    "ON CONFLICT DO NOTHING "
+    "RETURNING device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up), "
+    f"m AS ({_rollup_cte('telemetry_1m', 'minute')}), "
+    f"hr AS ({_rollup_cte('telemetry_1h', 'hour')}) "
+    "SELECT DISTINCT ON (device_id) device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up, count(*) OVER () "
+    "FROM ins ORDER BY device_id, ts DESC, seq DESC")
 
 
 class Writer:
@@ -144,6 +182,8 @@ class Writer:
         self._anchors: dict[tuple[str, int], int] = {}
         self._partitions: set[date] = set()
         self._cached_ts: dict[str, int] = {}  # newest reading ts pushed to the cache per device
+        self._device_written: dict[str, tuple[int, tuple]] = {}  # device -> (last_seen ms, (fw, boot)) in the db
+        self._pending_devices: dict[str, tuple[int, tuple]] = {}
         self._last_batch: float | None = None
         self._last_error: str | None = None
         self._paused_since: float | None = None
@@ -355,6 +395,7 @@ class Writer:
             if part is None:
                 return None
             combined.inserted += part.inserted
+            combined.inserted_count += part.inserted_count
             combined.duplicates += part.duplicates
             combined.statuses += part.statuses
             combined.commands += part.commands
@@ -369,7 +410,8 @@ class Writer:
         if readings:
             rows = self._telemetry_rows(readings, outcome)
             if self.postgres:
-                self._create_partitions({r["ts"].date() for r in rows})
+                self._create_partitions({_utc_date(ms) for ms in {r["ts_ms"] // 86_400_000 * 86_400_000
+                                                                  for r in rows}})
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             if readings:
                 self._store_telemetry(session, readings, rows, outcome)
@@ -379,7 +421,8 @@ class Writer:
                 if item.kind == "alarm":
                     repo.apply_alarm_event(session, item.tenant_id, item.message)
                     outcome.alarms.append((item.tenant_id, item.message))
-        ROWS.inc(len(outcome.inserted))
+        ROWS.inc(outcome.inserted_count)
+        self._remember_devices()
         DUPLICATES.inc(outcome.duplicates)
         return outcome
 
@@ -445,36 +488,84 @@ class Writer:
             estimated = ts is None
             if estimated:
                 ts = self._anchors[(item.device_id, m.boot)] + (m.up or 0) * 1000
-            rows.append({
-                "device_id": item.device_id, "boot": m.boot, "seq": m.seq, "tenant_id": item.tenant_id,
-                "ts": datetime.fromtimestamp(ts / 1000, timezone.utc),
-                "received_at": datetime.fromtimestamp(rec / 1000, timezone.utc),
-                "t": m.t, "h": m.h, "p": m.p, "rssi": m.rssi, "up": m.up, "ts_estimated": estimated,
-            })
+            row = {"device_id": item.device_id, "boot": m.boot, "seq": m.seq, "tenant_id": item.tenant_id,
+                   "ts_ms": ts, "rec_ms": rec, "t": m.t, "h": m.h, "p": m.p, "rssi": m.rssi, "up": m.up,
+                   "ts_estimated": estimated}
+            if not self.postgres:
+                row["ts"] = datetime.fromtimestamp(ts / 1000, timezone.utc)
+                row["received_at"] = datetime.fromtimestamp(rec / 1000, timezone.utc)
+                del row["ts_ms"], row["rec_ms"]
+            rows.append(row)
         return rows
 
     def _store_telemetry(self, session: Session, readings: list[Item], rows: list[dict], outcome: Outcome) -> None:
-        table = Telemetry.__table__
-        stmt = self._insert(table).on_conflict_do_nothing().returning(
-            table.c.device_id, table.c.tenant_id, table.c.ts, table.c.t, table.c.h, table.c.p, table.c.rssi,
-            table.c.seq, table.c.boot, table.c.up)
-        inserted = session.execute(stmt, rows).all() if rows else []
-        outcome.inserted = [tuple(r) for r in inserted]
-        outcome.duplicates += len(rows) - len(inserted)
-        if inserted:
-            self._rollup(session, outcome.inserted)
-        # devices: last_seen (record time), firmware and boot from the newest reading
+        if self.postgres:
+            self._store_telemetry_pg(session, rows, outcome)
+        else:
+            table = Telemetry.__table__
+            stmt = self._insert(table).on_conflict_do_nothing().returning(
+                table.c.device_id, table.c.tenant_id, table.c.ts, table.c.t, table.c.h, table.c.p, table.c.rssi,
+                table.c.seq, table.c.boot, table.c.up)
+            inserted = session.execute(stmt, rows).all() if rows else []
+            outcome.inserted = [tuple(r) for r in inserted]
+            outcome.inserted_count = len(inserted)
+            outcome.duplicates += len(rows) - len(inserted)
+            if inserted:
+                self._rollup(session, outcome.inserted)
+        # devices: last_seen (record time), firmware and boot from the newest reading. To spare the devices
+        # table an update per reading, a device is updated when something changed or its last write is 5 s old.
         latest: dict[str, tuple[int, Item]] = {}
         for item in readings:
             rec = item.record.timestamp_ms or int(time.time() * 1000)
             if item.device_id not in latest or rec >= latest[item.device_id][0]:
                 latest[item.device_id] = (rec, item)
-        params = [{"d": device, "ls": datetime.fromtimestamp(rec / 1000, timezone.utc), "fw": item.message.fw,
-                   "boot": item.message.boot} for device, (rec, item) in sorted(latest.items())]
+        self._pending_devices = {}
+        for device, (rec, item) in latest.items():
+            prev = self._device_written.get(device)
+            state = (item.message.fw, item.message.boot)
+            if prev is None or prev[1] != state or rec - prev[0] >= DEVICE_UPDATE_EVERY_MS:
+                self._pending_devices[device] = (rec, state)
+        if not self._pending_devices:
+            return
+        ordered = sorted(self._pending_devices.items())
+        if self.postgres:
+            cursor = session.connection().connection.driver_connection.cursor()
+            cursor.execute(
+                "UPDATE devices d SET last_seen = greatest(d.last_seen, to_timestamp(v.ls / 1000.0)), "
+                "firmware = coalesce(v.fw, d.firmware), boot = v.boot "
+                "FROM unnest(%s::varchar[], %s::bigint[], %s::varchar[], %s::bigint[]) AS v(id, ls, fw, boot) "
+                "WHERE d.id = v.id",
+                ([d for d, _ in ordered], [rec for _, (rec, _) in ordered], [st[0] for _, (_, st) in ordered],
+                 [st[1] for _, (_, st) in ordered]))
+            return
+        params = [{"d": device, "ls": datetime.fromtimestamp(rec / 1000, timezone.utc), "fw": state[0],
+                   "boot": state[1]} for device, (rec, state) in ordered]
         session.execute(text(
             "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < :ls THEN :ls "
             "ELSE last_seen END, firmware = COALESCE(:fw, firmware), boot = :boot WHERE id = :d")
             .bindparams(bindparam("ls", type_=Device.__table__.c.last_seen.type)), params)
+
+    def _remember_devices(self) -> None:
+        """After a commit: what the devices table now holds (see _store_telemetry)."""
+        self._device_written.update(self._pending_devices)
+        self._pending_devices = {}
+        if len(self._device_written) > 1_000_000:
+            self._device_written.clear()
+
+    def _store_telemetry_pg(self, session: Session, rows: list[dict], outcome: Outcome) -> None:
+        """PostgreSQL: one statement per batch. The rows travel as arrays (unnest), the insert skips what is
+        already stored, the roll-ups are incremented from exactly the rows it added (data-modifying CTEs), and
+        only the newest added row per device comes back (for the cache), with the number added."""
+        if not rows:
+            return
+        columns = list(zip(*[(r["device_id"], r["boot"], r["seq"], r["tenant_id"], r["ts_ms"], r["rec_ms"],
+                              r["t"], r["h"], r["p"], r["rssi"], r["up"], r["ts_estimated"]) for r in rows]))
+        cursor = session.connection().connection.driver_connection.cursor()
+        cursor.execute(_PG_INSERT, [list(c) for c in columns], binary=True)
+        result = cursor.fetchall()
+        outcome.inserted_count = result[0][-1] if result else 0
+        outcome.inserted = [tuple(r[:-1]) for r in result]
+        outcome.duplicates += len(rows) - outcome.inserted_count
 
     def _rollup(self, session: Session, inserted: list[tuple]) -> None:
         for model, unit in ((Telemetry1m, 60), (Telemetry1h, 3600)):
