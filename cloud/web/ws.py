@@ -62,10 +62,21 @@ class _Feed:
         self.hub, self.tenant_id = hub, tenant_id
         self.clients: list[Client] = []
         self.stop = threading.Event()
+        self.ready = threading.Event()
+        self._sub = None
         self.thread = threading.Thread(target=self._run, name=f"ws-feed-{tenant_id}", daemon=True)
 
+    def start(self) -> None:
+        """Subscribe before the first client is greeted, so no event published after its "hello" is missed."""
+        try:
+            self._sub = self.hub.cache.subscribe(self.tenant_id)
+        except Exception:
+            log.warning("live feed for tenant %s: subscribe failed; retrying", self.tenant_id, exc_info=True)
+        self.ready.set()
+        self.thread.start()
+
     def _run(self) -> None:
-        sub = None
+        sub, self._sub = self._sub, None
         while not self.stop.is_set():
             try:
                 if sub is None:
@@ -108,12 +119,14 @@ class Hub:
         client = Client(self.queue_size)
         with self.lock:
             feed = self._feeds.get(tenant_id)
-            if feed is None:
+            new = feed is None
+            if new:
                 feed = self._feeds[tenant_id] = _Feed(self, tenant_id)
-                feed.clients.append(client)
-                feed.thread.start()
-            else:
-                feed.clients.append(client)
+            feed.clients.append(client)
+        if new:
+            feed.start()
+        else:
+            feed.ready.wait(5.0)
         return client
 
     def leave(self, tenant_id: int, client: Client) -> None:

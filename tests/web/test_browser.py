@@ -1,0 +1,173 @@
+"""The dashboard in a real browser (Playwright + the system Chromium, headless; no browser download).
+
+Logs in, watches values change live (events pushed through the cache), checks that a device named
+``<script>alert(1)</script>`` is shown as text, sends a command and sees its status move, checks the page still
+works without the charting library, and saves screenshots of the main pages to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+CHROMIUM = os.environ.get("IOT_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                     "--disable-component-update", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, world, live):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def sign_in(page, live, email):
+    from tests.web.conftest import PASSWORD
+
+    page.goto(live.url + "/fleet")
+    assert "/login" in page.url
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/fleet")
+    expect(page.locator("body")).to_have_attribute("data-live", "live")
+
+
+def shot(page, backend, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"web-{name}-{backend}.png"), full_page=True)
+
+
+def reading(device, t, seq=1):
+    return {"type": "reading", "device": device, "t": t, "h": 41.5, "p": 1003.2, "rssi": -61, "seq": seq, "boot": 1,
+            "ts": int(time.time() * 1000)}
+
+
+def test_fleet_live_and_escaping(page, world, live):
+    sign_in(page, live, world.a.users["operator"])
+    evil = world.a.devices[1]
+    # the device named <script>alert(1)</script> is text, not markup
+    assert page.locator(f'tr[data-device="{evil}"] td.name a').inner_text() == "<script>alert(1)</script>"
+    assert page.dialogs == []
+    # only tenant A's devices
+    assert page.locator("tr[data-device]").count() == 2
+    assert world.b.devices[0] not in page.content()
+
+    dev = world.a.devices[0]
+    world.cache.publish(world.a.id, reading(dev, 12.34))
+    expect(page.locator(f'tr[data-device="{dev}"] .t')).to_have_text("12.34")
+    assert page.locator(f'tr[data-device="{dev}"] .status .badge').inner_text() == "online"
+    world.cache.publish(world.a.id, reading(dev, 13.5, seq=2))
+    expect(page.locator(f'tr[data-device="{dev}"] .t')).to_have_text("13.50")
+    # another tenant's event changes nothing
+    world.cache.publish(world.b.id, reading(dev, 99.0, seq=3))
+    time.sleep(0.5)
+    assert page.locator(f'tr[data-device="{dev}"] .t').inner_text() == "13.50"
+    # search
+    page.fill("input[name=search]", "cold")
+    page.click("form.toolbar button[type=submit]")
+    page.wait_for_load_state()
+    assert page.locator("tr[data-device]").count() == 1
+    shot(page, world.backend.name, "fleet")
+    assert page.dialogs == [] and page.errors == []
+
+
+def test_device_page_live_chart_and_command(page, world, live):
+    sign_in(page, live, world.a.users["operator"])
+    dev = world.a.devices[0]
+    page.goto(f"{live.url}/devices/{dev}")
+    expect(page.locator("body")).to_have_attribute("data-live", "live")
+    vendor = Path(world.app.static_folder, "vendor", "uPlot.iife.min.js").exists()
+    if vendor:
+        assert page.locator("#charts canvas").count() >= 3
+        assert page.locator("#vendor-hint").is_hidden()
+    for i, t in enumerate((20.5, 21.0, 21.75)):
+        world.cache.publish(world.a.id, reading(dev, t, seq=10 + i))
+    expect(page.locator("#cur-t")).to_have_text("21.75")
+    assert page.locator("#readings tr").first.locator("td").nth(1).inner_text() == "21.75"
+    if vendor:
+        assert page.locator(".uplot").count() >= 3
+
+    page.click(".cmd-panel button[data-op=ping]")
+    row = page.locator("#cmd-rows tr").first
+    row.locator(".cmd-status .badge", has_text="queued").wait_for()
+    cid = row.get_attribute("data-cid")
+    assert cid
+    world.cache.publish(world.a.id, {"type": "command", "cid": cid, "device": dev, "status": "sent"})
+    row.locator(".cmd-status .badge", has_text="sent").wait_for()
+    world.cache.publish(world.a.id, {"type": "command", "cid": cid, "device": dev, "status": "delivered",
+                                     "result": {"pong": True}})
+    row.locator(".cmd-status .badge", has_text="delivered").wait_for()
+    # a late "sent" never moves it back
+    world.cache.publish(world.a.id, {"type": "command", "cid": cid, "device": dev, "status": "sent"})
+    time.sleep(0.3)
+    assert row.locator(".cmd-status .badge").inner_text() == "delivered"
+    shot(page, world.backend.name, "device")
+    assert page.errors == []
+
+
+def test_page_works_without_chart_library(page, world, live):
+    page.route("**/static/vendor/**", lambda route: route.fulfill(status=404, body="missing"))
+    sign_in(page, live, world.a.users["viewer"])
+    dev = world.a.devices[0]
+    page.goto(f"{live.url}/devices/{dev}")
+    expect(page.locator("body")).to_have_attribute("data-live", "live")
+    assert page.locator("#vendor-hint").is_visible()
+    world.cache.publish(world.a.id, reading(dev, 30.25, seq=50))
+    expect(page.locator("#cur-t")).to_have_text("30.25")
+    # viewers see no command buttons
+    assert page.locator(".cmd-panel").count() == 0
+    shot(page, world.backend.name, "device-no-charts")
+
+
+def test_other_pages_screenshots(page, world, live):
+    sign_in(page, live, world.a.users["admin"])
+    page.goto(live.url + "/alarms?state=all")
+    assert page.locator("h1").inner_text().startswith("Alarms")
+    shot(page, world.backend.name, "alarms")
+    page.goto(live.url + "/admin")
+    page.fill("input[name=id]", "br-" + os.urandom(3).hex())
+    page.fill("input[name=name]", "<b>bold?</b>")
+    page.click("form[action$='/admin/devices'] button[type=submit]")
+    page.locator("#issued-password").wait_for()
+    assert len(page.locator("#issued-password").inner_text()) >= 16
+    assert page.locator("a[download='config.json']").count() == 1
+    assert page.get_by_text("<b>bold?</b>").count() >= 1
+    shot(page, world.backend.name, "admin")
+    page.goto(live.url + "/docs")
+    assert page.locator(".endpoint").count() > 20
+    shot(page, world.backend.name, "docs")
+    assert page.errors == []
+
+
+def test_login_rejects_bad_password(page, world, live):
+    page.goto(live.url + "/login")
+    page.fill("input[name=email]", world.a.users["viewer"])
+    page.fill("input[name=password]", "wrong password")
+    page.click("button[type=submit]")
+    assert "wrong password" in page.locator(".flash.error").inner_text().lower()
+    shot(page, world.backend.name, "login")
