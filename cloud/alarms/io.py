@@ -45,6 +45,23 @@ class StreamIO:
 
     def flush(self, timeout: float = 30.0) -> int: ...
 
+    @staticmethod
+    def _watermarks(reader, tp, patience: float = 60.0) -> tuple[int, int]:
+        """Low/high offsets; retried while the partition has no leader yet (a topic just created, a broker
+        restarting). Without them the state cannot be restored, and processing without it would raise alarms
+        twice, so after ``patience`` seconds the error propagates and the service stops."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return reader.get_watermark_offsets(tp, timeout=10, cached=False)
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("changelog %s[%d] not readable yet (%s); retrying", tp.topic, tp.partition, exc)
+                time.sleep(0.2)
+
     def restore(self, topic: str, partitions: set[int]) -> Iterator[tuple[int, str | None, bytes | None]]: ...
 
     def ensure_changelog(self, topic: str, input_topic: str, partitions: int, replication: int) -> None: ...
@@ -170,8 +187,10 @@ class KafkaIO(StreamIO):
                     err = exc.args[0] if exc.args else None
                     if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
-            for _ in range(100):
-                if self.partition_count(topic, timeout=5):
+            for _ in range(300):  # wait until every partition has a leader
+                md = self._producer.list_topics(topic, timeout=5).topics.get(topic)
+                if md is not None and md.error is None and md.partitions and \
+                        all(pm.leader >= 0 for pm in md.partitions.values()):
                     break
                 time.sleep(0.1)
             have = self.partition_count(topic) or wanted
@@ -191,7 +210,7 @@ class KafkaIO(StreamIO):
         try:
             ends: dict[int, int] = {}
             for p in partitions:
-                low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                low, high = self._watermarks(reader, TopicPartition(topic, p))
                 if high > low:
                     ends[p] = high
             if not ends:

@@ -41,6 +41,7 @@ class MemoryRig:
     """The engine on a MemoryBus, pumped synchronously by the test; time = wall clock + ``skew`` seconds."""
 
     def __init__(self, rules: list[dict], devices: dict[str, int] | None = None):
+        self.base = BASE
         self.bus = MemoryBus(6)
         self.settings = load({})
         self.bus.ensure_topics(self.settings)
