@@ -25,7 +25,10 @@
       var el = $('chart-' + m.key);
       charts[m.key] = new uPlot({
         title: m.label, width: Math.max(300, el.clientWidth || 600), height: 180,
-        scales: {x: {time: true}},
+        scales: {x: {time: true, range: function (u, min, max) {
+          if (min === null || max === null) { var now = Date.now() / 1000; return [now - 3600, now]; }
+          return max - min < 60 ? [max - 60, max + 1] : [min, max];
+        }}},
         series: [{}, {label: m.key, stroke: m.color, width: 1.5, spanGaps: false,
                       value: function (u, v) { return v === null || v === undefined ? '—' : v.toFixed(m.digits); }}]
       }, [[], []], el);

@@ -1,0 +1,164 @@
+"""Pages and forms: login (cookie flags, rate limit, safe redirects), CSRF on every form, roles, escaping,
+tenant isolation, provisioning."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from tests.web.conftest import PASSWORD, login
+from tests.web.test_api import insert_alarm
+
+
+def csrf_of(client, path="/fleet"):
+    return re.search(r'data-csrf="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
+
+
+def test_login_required_and_cookie_flags(world):
+    c = world.client()
+    r = c.get("/fleet")
+    assert r.status_code == 302 and "/login" in r.location
+    page = c.get("/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = c.post("/login", data={"email": world.a.users["viewer"], "password": PASSWORD, "csrf_token": csrf})
+    assert r.status_code == 302
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    r = c.get("/fleet")
+    assert r.status_code == 200
+    assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+
+
+def test_login_without_csrf_is_refused(world):
+    c = world.client()
+    r = c.post("/login", data={"email": world.a.users["viewer"], "password": PASSWORD})
+    assert r.status_code == 403
+
+
+def test_login_rate_limit(world):
+    c = world.client()
+    page = c.get("/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    email = world.a.users["admin"]
+    for _ in range(5):
+        r = c.post("/login", data={"email": email, "password": "nope-nope", "csrf_token": csrf})
+        assert r.status_code == 401 and "wrong password" in r.get_data(as_text=True)
+    r = c.post("/login", data={"email": email, "password": PASSWORD, "csrf_token": csrf})
+    assert r.status_code == 429 and "Too many" in r.get_data(as_text=True)
+    from cloud.web.auth import limiter
+    limiter.succeed("127.0.0.1", email)  # let the other tests log in as this admin
+
+
+def test_open_redirect_refused(world):
+    c = world.client()
+    page = c.get("/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = c.post("/login?next=//evil.example/x", data={"email": world.a.users["viewer"], "password": PASSWORD,
+                                                     "csrf_token": csrf})
+    assert r.status_code == 302 and r.location.endswith("/fleet")
+
+
+def test_forms_need_csrf(world):
+    c = world.client()
+    login(c, world.a.users["admin"])
+    dev = world.a.devices[0]
+    for path, data in (("/logout", {}), (f"/devices/{dev}/rules", {"name": "x", "max": "30"}),
+                       ("/admin/devices", {"id": "nocsrf-1"}), ("/admin/users", {"email": "x@y.z"}),
+                       ("/admin/tokens", {"name": "t"})):
+        r = c.post(path, data=data)
+        assert r.status_code == 403, path
+        r = c.post(path, data={**data, "csrf_token": "forged"})
+        assert r.status_code == 403, path
+    assert c.get("/api/v1/me").status_code == 200  # still logged in
+
+
+def test_fleet_escapes_names_and_is_tenant_scoped(world):
+    c = world.client()
+    login(c, world.a.users["viewer"])
+    html = c.get("/fleet").get_data(as_text=True)
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert world.b.devices[0] not in html
+    assert c.get(f"/devices/{world.b.devices[0]}").status_code == 404
+    assert c.get(f"/devices/{world.a.devices[1]}").status_code == 200
+
+
+def test_rules_form_roles(world):
+    dev = world.a.devices[0]
+    viewer = world.client()
+    login(viewer, world.a.users["viewer"])
+    r = viewer.post(f"/devices/{dev}/rules", data={"name": "v", "max": "30", "csrf_token": csrf_of(viewer)})
+    assert r.status_code == 403
+    op = world.client()
+    login(op, world.a.users["operator"])
+    name = "form-" + uuid.uuid4().hex[:6]
+    r = op.post(f"/devices/{dev}/rules", data={"name": name, "kind": "threshold", "metric": "t", "max": "31.5",
+                                               "severity": "minor", "enabled": "on", "csrf_token": csrf_of(op)})
+    assert r.status_code == 302
+    html = op.get(f"/devices/{dev}").get_data(as_text=True)
+    assert name in html and "Rule added" in html
+    r = op.post(f"/devices/{dev}/rules", data={"name": "bad", "kind": "threshold", "metric": "t", "min": "50",
+                                               "max": "10", "csrf_token": csrf_of(op)}, follow_redirects=True)
+    assert "Rule not saved" in r.get_data(as_text=True)
+    # another tenant's device: 404
+    r = op.post(f"/devices/{world.b.devices[0]}/rules", data={"name": "x", "max": "30", "csrf_token": csrf_of(op)})
+    assert r.status_code == 404
+
+
+def test_alarm_ack_form(world):
+    dev = world.a.devices[0]
+    alarm_id = insert_alarm(world, world.a.id, dev)
+    b_alarm = insert_alarm(world, world.b.id, world.b.devices[0])
+    c = world.client()
+    login(c, world.a.users["operator"])
+    assert alarm_id in c.get("/alarms").get_data(as_text=True)
+    assert b_alarm not in c.get("/alarms?state=all").get_data(as_text=True)
+    r = c.post(f"/alarms/{alarm_id}/ack", data={"csrf_token": csrf_of(c)})
+    assert r.status_code == 302
+    assert "acknowledged" in c.get(f"/alarms?state=acknowledged&device={dev}").get_data(as_text=True)
+    assert c.post(f"/alarms/{b_alarm}/ack", data={"csrf_token": csrf_of(c)}).status_code == 404
+
+
+def test_provisioning_page(world):
+    c = world.client()
+    login(c, world.a.users["admin"])
+    device_id = "page-" + uuid.uuid4().hex[:6]
+    r = c.post("/admin/devices", data={"id": device_id, "name": "Lab", "csrf_token": csrf_of(c, "/admin")})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and 'id="issued-password"' in html and 'download="config.json"' in html
+    password = re.search(r'id="issued-password">([^<]+)<', html).group(1)
+    assert password in html
+    # shown once: not on the next view
+    assert password not in c.get("/admin").get_data(as_text=True)
+    r = c.post(f"/admin/devices/{device_id}/rotate", data={"csrf_token": csrf_of(c, "/admin")})
+    assert re.search(r'id="issued-password">([^<]+)<', r.get_data(as_text=True)).group(1) != password
+    r = c.post(f"/admin/devices/{device_id}/revoke", data={"csrf_token": csrf_of(c, "/admin")},
+               follow_redirects=True)
+    assert "revoked" in r.get_data(as_text=True)
+    assert c.post(f"/admin/devices/{world.b.devices[0]}/revoke",
+                  data={"csrf_token": csrf_of(c, "/admin")}).status_code == 404
+    op = world.client()
+    login(op, world.a.users["operator"])
+    assert op.get("/admin").status_code == 403
+
+
+def test_admin_users_and_tokens_pages(world):
+    c = world.client()
+    login(c, world.a.users["admin"])
+    email = f"new-{uuid.uuid4().hex[:6]}@acme.example"
+    r = c.post("/admin/users", data={"email": email, "password": "long enough pw", "role": "viewer",
+                                     "csrf_token": csrf_of(c, "/admin")})
+    assert r.status_code == 302 and email in c.get("/admin").get_data(as_text=True)
+    r = c.post("/admin/tokens", data={"name": "grafana", "role": "viewer", "csrf_token": csrf_of(c, "/admin")})
+    token = re.search(r'id="issued-token">([^<]+)<', r.get_data(as_text=True)).group(1)
+    assert world.client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    b_html = c.get("/admin").get_data(as_text=True)
+    assert world.b.users["admin"] not in b_html
+
+
+def test_logout(world):
+    c = world.client()
+    login(c, world.a.users["viewer"])
+    r = c.post("/logout", data={"csrf_token": csrf_of(c)})
+    assert r.status_code == 302
+    assert c.get("/fleet").status_code == 302
