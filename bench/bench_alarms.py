@@ -1,0 +1,245 @@
+"""Alarm service benchmark on real Kafka (started with cloud.nativestack unless IOT_KAFKA_BOOTSTRAP is set). Not a test.
+
+    python bench/bench_alarms.py            # 10,000 devices x 3 rules, 1,000,000 readings backlog
+    python bench/bench_alarms.py --quick    # a smaller run to check the bench itself
+
+Measures, for ONE alarm service process (the AlarmService of `python -m cloud alarms`, rules and devices loaded from
+SQLite by its own reloader, state checkpointed to its changelog topic every second):
+
+  1. throughput: readings/s evaluated from a backlog in Kafka (the readings are produced before the service starts;
+     the clock starts at the first record, so the consumer-group join is not counted);
+  2. latency: p50/p99 delay "reading produced -> alarm event received by a consumer of the alarms topic" at a steady
+     produce rate, with ~1 % of the readings crossing a threshold.
+
+Prints a table and, as the LAST line, one JSON object with the figures and os.cpu_count().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud import db  # noqa: E402
+from cloud import settings as settings_mod  # noqa: E402
+from cloud.alarms import AlarmService  # noqa: E402
+from cloud.bus.kafka import KafkaBus  # noqa: E402
+
+log = logging.getLogger("bench")
+
+RULES = [
+    {"name": "hot", "kind": "threshold", "metric": "t", "max": 30.0, "hysteresis": 1.0, "severity": "critical"},
+    {"name": "heating", "kind": "rate", "metric": "t", "rate_per_min": 30.0, "severity": "major"},
+    {"name": "dry", "kind": "threshold", "metric": "h", "min": 10.0, "hysteresis": 2.0, "severity": "minor"},
+]
+
+
+def provision(engine, devices: int) -> list[str]:
+    from sqlalchemy import insert
+    from sqlalchemy.orm import Session
+
+    from cloud.db.models import Device, Rule, Tenant
+
+    ids = [f"bench-{i:05d}" for i in range(devices)]
+    with engine.begin() as conn:
+        conn.execute(insert(Tenant), [{"id": 1, "name": "bench"}])
+        conn.execute(insert(Device), [{"id": d, "tenant_id": 1, "name": d} for d in ids])
+    with Session(engine) as session:
+        session.add_all([Rule(tenant_id=1, **r) for r in RULES])
+        session.commit()
+    return ids
+
+
+def reading(device: str, boot: int, seq: int, ts: int, t: float, h: float) -> bytes:
+    return (f'{{"v":1,"id":"{device}","boot":{boot},"seq":{seq},"ts":{ts},"t":{t:.2f},"h":{h:.1f},'
+            f'"p":1013.2,"rssi":-60,"up":{seq * 10},"fw":"1.0.0"}}').encode()
+
+
+def produce_backlog(bus: KafkaBus, topic: str, devices: list[str], per_device: int) -> int:
+    producer = bus.producer("bench-load", **{"linger.ms": 20, "acks": "1", "enable.idempotence": False})
+    rnd = random.Random(1)
+    base = int(time.time() * 1000) - per_device * 10_000
+    n = 0
+    for i in range(per_device):
+        ts = base + i * 10_000
+        for d in devices:
+            # ~1 % of readings cross 30 degC (raise), the next reading is back to normal (clear)
+            t = 35.0 if rnd.random() < 0.01 else 21.0 + rnd.random()
+            producer.produce(topic, d, reading(d, 1, i + 1, ts, t, 45.0))
+            n += 1
+            if n % 50_000 == 0:
+                producer.poll(0)
+    producer.flush(120)
+    producer.close()
+    return n
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--per-device", type=int, default=100, help="backlog readings per device")
+    parser.add_argument("--rate", type=int, default=10_000, help="readings/s in the latency phase")
+    parser.add_argument("--seconds", type=int, default=10, help="length of the latency phase")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.devices, args.per_device, args.rate, args.seconds = 1000, 20, 2000, 3
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("cloud").setLevel(logging.WARNING)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-alarms-"))
+    services = []
+    bootstrap = os.environ.get("IOT_KAFKA_BOOTSTRAP")
+    try:
+        if not bootstrap:
+            from cloud import nativestack
+
+            log.info("starting Kafka")
+            kafka = nativestack.Kafka(workdir / "kafka", libs=nativestack.kafka_libs_dir(fetch=True)).start()
+            services.append(kafka)
+            bootstrap = kafka.bootstrap
+        uid = uuid.uuid4().hex[:6]
+        topics = settings_mod.Topics(telemetry=f"bench-tel-{uid}", status=f"bench-st-{uid}",
+                                     alarms=f"bench-al-{uid}", control=f"bench-ctl-{uid}",
+                                     acks=f"bench-acks-{uid}", command_status=f"bench-cs-{uid}",
+                                     deadletter=f"bench-dl-{uid}")
+        settings = settings_mod.load({}, kafka_bootstrap=bootstrap, topics=topics)
+        bus = KafkaBus(bootstrap)
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for fut in admin.create_topics([NewTopic(t, num_partitions=settings.kafka_partitions, replication_factor=1)
+                                        for t in (topics.telemetry, topics.status, topics.alarms,
+                                                  topics.control)]).values():
+            fut.result(30)
+
+        engine = db.make_engine(f"sqlite:///{workdir}/bench.db")
+        db.upgrade(engine)
+        devices = provision(engine, args.devices)
+
+        log.info("producing a backlog of %d readings", args.devices * args.per_device)
+        started = time.monotonic()
+        backlog = produce_backlog(bus, topics.telemetry, devices, args.per_device)
+        log.info("backlog produced in %.1fs", time.monotonic() - started)
+
+        svc = AlarmService(settings, bus, engine, group=f"bench-{uid}", changelog=f"bench-state-{uid}",
+                           max_batch=10_000)
+        stop = threading.Event()
+        thread = threading.Thread(target=svc.run, args=(stop,), name="alarms", daemon=True)
+        thread.start()
+        assert svc.started.wait(60), "alarm service did not start"
+
+        def evaluated() -> int:
+            c = svc.engine.counts
+            return c["readings"] + c["duplicates"]
+
+        while evaluated() == 0:
+            time.sleep(0.001)
+        first = time.monotonic()
+        while evaluated() < backlog:
+            if not thread.is_alive():
+                raise RuntimeError("alarm service died")
+            time.sleep(0.01)
+        drain_s = time.monotonic() - first
+        throughput = backlog / drain_s
+        events_backlog = svc.engine.counts["events"]
+        log.info("backlog: %d readings in %.2fs = %.0f/s, %d alarm events", backlog, drain_s, throughput,
+                 events_backlog)
+
+        # --- latency phase ----------------------------------------------------------------------------------
+        delays: list[float] = []
+        out = bus.consumer(f"bench-out-{uid}", [topics.alarms], **{"fetch.wait.max.ms": 5,
+                                                                     "auto.offset.reset": "latest"})
+        # join the group and get assigned before measuring
+        deadline = time.monotonic() + 30
+        while not out._consumer.assignment() and time.monotonic() < deadline:
+            out.poll_batch(100, 0.1)
+        phase_start_ms = int(time.time() * 1000)
+        reader_stop = threading.Event()
+
+        def read_events() -> None:
+            while not reader_stop.is_set():
+                for r in out.poll_batch(1000, 0.05):
+                    event = json.loads(r.value)
+                    if event["state"] == "raised" and event["rule"] == "hot" and event["ts"] >= phase_start_ms:
+                        delays.append(time.time() * 1000 - event["ts"])
+
+        reader = threading.Thread(target=read_events, daemon=True)
+        reader.start()
+        producer = bus.producer("bench-live")
+        rnd = random.Random(2)
+        seqs = {d: args.per_device for d in devices}
+        sent = 0
+        t0 = time.monotonic()
+        interval = 0.01
+        per_tick = max(1, int(args.rate * interval))
+        live_start = evaluated()
+        while time.monotonic() - t0 < args.seconds:
+            tick_start = time.monotonic()
+            now = int(time.time() * 1000)
+            for _ in range(per_tick):
+                d = devices[sent % len(devices)]
+                seqs[d] += 1
+                t = 35.0 if rnd.random() < 0.01 else 21.0 + rnd.random()
+                producer.produce(topics.telemetry, d, reading(d, 1, seqs[d], now, t, 45.0))
+                sent += 1
+            producer.poll(0)
+            sleep = interval - (time.monotonic() - tick_start)
+            if sleep > 0:
+                time.sleep(sleep)
+        producer.flush(30)
+        live_s = time.monotonic() - t0
+        deadline = time.monotonic() + 30
+        while evaluated() - live_start < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        reader_stop.set()
+        reader.join(5)
+        stop.set()
+        thread.join(60)
+        out.close()
+        ok, health = svc.health()
+
+        p50, p99 = percentile(delays, 0.50), percentile(delays, 0.99)
+        print()
+        print(f"alarm service benchmark ({os.cpu_count()} CPUs; Kafka and the service on the same machine)")
+        print(f"  devices x rules                      {args.devices:>10,} x {len(RULES)}")
+        print(f"  backlog readings                     {backlog:>10,}")
+        print(f"  readings evaluated / s (backlog)     {throughput:>10,.0f}")
+        print(f"  alarm events from the backlog        {events_backlog:>10,}")
+        print(f"  live phase: readings/s produced      {sent / live_s:>10,.0f}  ({sent:,} in {live_s:.1f}s)")
+        print(f"  live phase: raised events measured   {len(delays):>10,}")
+        print(f"  delay reading -> alarm event p50 ms  {p50:>10.1f}")
+        print(f"  delay reading -> alarm event p99 ms  {p99:>10.1f}")
+        print(f"  device states checkpointed           {health.get('checkpoints', 0):>10,} checkpoints")
+        result = {"bench": "alarms", "devices": args.devices, "rules_per_device": len(RULES),
+                  "backlog_readings": backlog, "readings_per_s": round(throughput),
+                  "backlog_alarm_events": events_backlog, "live_rate": round(sent / live_s),
+                  "live_events": len(delays), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
+                  "cpu_count": os.cpu_count()}
+        print(json.dumps(result))
+        return 0
+    finally:
+        for s in services:
+            s.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
