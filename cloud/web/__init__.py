@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, current_app
+from flask.sessions import SecureCookieSessionInterface
 
 from cloud.settings import Settings
 
@@ -45,6 +46,14 @@ class WebContext:
             return self._producer
 
 
+class _SessionInterface(SecureCookieSessionInterface):
+    """The session cookie gets the Secure flag whenever the request came over HTTPS."""
+
+    def get_cookie_secure(self, app) -> bool:
+        from flask import request
+        return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
+
+
 def ctx() -> WebContext:
     return current_app.extensions["iot"]
 
@@ -66,11 +75,11 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
         cache = cache_from_settings(settings)
 
     app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.session_interface = _SessionInterface()
     app.config.update(
         SECRET_KEY=settings.secret_key,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=settings.production and not settings.web_host.startswith("127."),
         SESSION_COOKIE_NAME="iot_session",
         PERMANENT_SESSION_LIFETIME=12 * 3600,
         MAX_CONTENT_LENGTH=256 * 1024,

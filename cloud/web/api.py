@@ -20,6 +20,7 @@ from cloud import schema
 from cloud.web import ctx, data
 from cloud.web import serialize as ser
 from cloud.web.auth import ROLES, login_required
+from cloud.web.ops import COMMANDS
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -120,7 +121,11 @@ def _time_arg(name: str) -> datetime | None:
 
 
 def latest_for(s, tenant_id: int, devices: list) -> dict[str, dict]:
-    """Latest reading per device: the cache first, the database for devices the cache does not know."""
+    """Latest reading per device: the cache first, the database for devices the cache does not know.
+
+    Each value is a reading dict (``serialize.reading``); cache entries also carry the writer's fresher
+    ``status`` / ``last_seen`` (the database row is updated less often), under the keys ``_status`` and
+    ``_last_seen`` for :func:`device_summary`."""
     ids = [d.id for d in devices]
     found: dict[str, dict] = {}
     try:
@@ -129,17 +134,36 @@ def latest_for(s, tenant_id: int, devices: list) -> dict[str, dict]:
         log.warning("latest-value cache unavailable, reading from the database", exc_info=True)
         cached = {}
     for device_id, value in (cached or {}).items():
-        if value:
+        if value and any(value.get(k) is not None for k in ("t", "h", "p")):
             found[device_id] = ser.reading(value)
-    missing = [i for i in ids if i not in found]
+        if value and (value.get("status") or value.get("last_seen")):
+            found.setdefault(device_id, {})
+            found[device_id]["_status"] = value.get("status")
+            found[device_id]["_last_seen"] = ser.ms(value.get("last_seen"))
+    missing = [i for i in ids if i not in found or "t" not in found[i]]
     for device_id, row in data.latest_from_db(s, tenant_id, missing).items():
-        found[device_id] = ser.reading(row)
+        found[device_id] = {**ser.reading(row), **found.get(device_id, {})}
     return found
+
+
+def _merge_live(out: dict, latest: dict | None) -> dict | None:
+    """Apply the cache's status/last_seen to a serialized device; returns the bare reading (or None)."""
+    if not latest:
+        return None
+    latest = dict(latest)
+    status, seen = latest.pop("_status", None), latest.pop("_last_seen", None)
+    if status in ("online", "offline"):
+        out["status"] = status
+    if seen is not None:
+        db_seen = ser.ms(out.get("last_seen"))
+        if db_seen is None or seen > db_seen:
+            out["last_seen"] = ser.iso(datetime.fromtimestamp(seen / 1000, timezone.utc))
+    return latest if "t" in latest else None
 
 
 def device_summary(device, latest: dict | None, alarms: int = 0) -> dict:
     out = ser.device(device)
-    out["latest"] = latest
+    out["latest"] = _merge_live(out, latest)
     out["active_alarms"] = alarms
     return out
 
@@ -239,9 +263,9 @@ def revoke_device(device_id: str):
 def latest(device_id: str):
     with ctx().session_factory() as s:
         d = data.get_device(s, _tid(), device_id)
-        reading = latest_for(s, _tid(), [d]).get(d.id) or {k: None for k in ("t", "h", "p", "rssi", "ts", "seq",
-                                                                             "boot")}
-        return jsonify(device=d.id, **reading, status=d.status, last_seen=ser.iso(d.last_seen))
+        summary = device_summary(d, latest_for(s, _tid(), [d]).get(d.id))
+    reading = summary["latest"] or {k: None for k in ("t", "h", "p", "rssi", "ts", "seq", "boot")}
+    return jsonify(device=summary["id"], **reading, status=summary["status"], last_seen=summary["last_seen"])
 
 
 @bp.get("/devices/<device_id>/history")
@@ -280,6 +304,11 @@ def history_payload(result: Any) -> dict:
         if isinstance(r, dict):
             point = dict(r)
             point["ts"] = ser.ms(point.get("ts"))
+            t = point.get("t")
+            if isinstance(t, tuple):
+                # Work-around for cloud.db.repo.history (raw points): on SQLAlchemy 2.1 ``row.t`` is the Row itself
+                # (Row.t is the deprecated "as typed tuple" accessor), not the column t; the column is its 2nd item.
+                point["t"] = t[1] if len(t) > 1 else None
         else:
             point = ser.reading(r)
         points.append(point)
@@ -329,6 +358,7 @@ def send_command(device_id: str):
         log.error("command %s not delivered to the bus: %s", cmd.cid, errors or f"{remaining} pending")
         return jsonify(error="the command was stored but the message bus did not confirm it; retry",
                        cid=cmd.cid), 503
+    COMMANDS.labels(cmd.op).inc()
     return jsonify(cid=cmd.cid, status="queued", device=device_id, op=cmd.op, exp=cmd.exp), 202
 
 
