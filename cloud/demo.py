@@ -103,6 +103,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
     stop = threading.Event()
     install_stop_signals(stop)
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter would bury the banner
     db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
     device_ids = [f"demo-{n}" for n in range(1, devices + 1)]
