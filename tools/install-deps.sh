@@ -13,6 +13,12 @@ for p in "${packages[@]}"; do
         missing+=("$p")
     fi
 done
+# Tools the suite needs, by command: only installed from Debian when the command is absent (CI images often
+# carry their own JDK, Maven and Node.js; those are used as they are).
+declare -A tool_packages=([java]=openjdk-17-jre-headless [mvn]=maven [npm]=npm [gcc]=gcc [openssl]=openssl)
+for tool in "${!tool_packages[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${tool_packages[$tool]}")
+done
 
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
