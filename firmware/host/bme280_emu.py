@@ -116,6 +116,13 @@ class Environment:
         self._mtime = None
         self._fixed = None
         self._t0 = time.time()
+        # Each simulated device (its own flash dir) drifts around its own climate, so a fleet looks like
+        # several rooms rather than one sensor copied N times.
+        seed = 0
+        for ch in os.getcwd():
+            seed = (seed * 31 + ord(ch)) & 0xFFFFFF
+        self._offset = ((seed % 41) / 10.0 - 2.0, (seed // 41 % 21) / 2.0 - 5.0, (seed // 861 % 61) / 10.0 - 3.0)
+        self._phase = (seed % 628) / 100.0
 
     def _check_file(self):
         try:
@@ -144,9 +151,10 @@ class Environment:
         if self._fixed is not None:
             return self._fixed["t"], self._fixed["h"], self._fixed["p"]
         s = time.time() - self._t0
-        w = 2 * math.pi * s / 300.0
-        return (DEFAULT_ENV["t"] + 0.8 * math.sin(w), DEFAULT_ENV["h"] + 3.0 * math.sin(w + 1.0),
-                DEFAULT_ENV["p"] + 0.6 * math.sin(w / 3.0))
+        w = 2 * math.pi * s / 300.0 + self._phase
+        dt, dh, dp = self._offset
+        return (DEFAULT_ENV["t"] + dt + 0.8 * math.sin(w), DEFAULT_ENV["h"] + dh + 3.0 * math.sin(w + 1.0),
+                DEFAULT_ENV["p"] + dp + 0.6 * math.sin(w / 3.0))
 
 
 class BME280Emu:

@@ -54,7 +54,7 @@ c = s.read()
 print(json.dumps([a, b, c]))
 """
     a, b, c = run_json(run_mpy, script, tmp_path)
-    assert 19 < a[0] < 24  # default drift around 21.5
+    assert 18 < a[0] < 25  # default drift around 21.5 +- a per-device offset of up to 2
     assert b[0] == pytest.approx(30.0, abs=0.02)
     assert c[0] == pytest.approx(-5.25, abs=0.02) and c[2] == pytest.approx(12.5, abs=0.05)
     cp = run_mpy("import machine, bme280\nbme280.BME280(machine.I2C(0))\n", tmp_path, env={"MPY_BME280": "bmp280"})
