@@ -46,6 +46,7 @@ __all__ = [
     "ServiceStartError",
     "Service",
     "Mosquitto",
+    "SecureMosquitto",
     "Kafka",
     "Postgres",
     "Redis",
@@ -460,6 +461,122 @@ class Mosquitto(Service):
         if not _tcp_open(self.port):
             return False
         return mqtt_connack(self.port, username=self.probe_username, password=self.probe_password)
+
+
+class SecureMosquitto(Mosquitto):
+    """Mosquitto as production runs it (cloud.mqtt_auth): no anonymous access, accounts and ACLs generated from
+    the database, reloaded with SIGHUP.
+
+    Listeners (all on 127.0.0.1): ``.port`` for services (``_bridge``, ``_monitor`` accounts; ``.url`` carries the
+    bridge's credentials), ``.device_port`` plain MQTT for devices, ``.tls_port`` TLS for devices with a
+    certificate from :mod:`cloud.ca` (``.ca_file``; pass ``ca_dir`` to use an existing CA). ``.sync(engine)``
+    writes the accounts from the database and reloads the broker; ``.set_devices(text)`` writes a password file
+    directly (tests without a database)."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: str | os.PathLike, port: int | None = None, *, tls: bool = True,
+                 ca_dir: str | os.PathLike | None = None, auth_dir: str | os.PathLike | None = None,
+                 service_passwords: Mapping[str, str] | None = None, config_extra: str = "",
+                 binary: str | None = None):
+        super().__init__(workdir, port, config_extra, allow_anonymous=False, binary=binary)
+        from cloud import mqtt_auth
+
+        self.device_port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.tls = tls
+        self.auth_dir = Path(auth_dir) if auth_dir else self.workdir / "auth"
+        self.ca_dir = Path(ca_dir) if ca_dir else self.workdir / "certs"
+        secrets_file = self.workdir / "service-accounts"
+        if service_passwords is None:
+            if secrets_file.exists():
+                service_passwords = dict(line.split(":", 1) for line in secrets_file.read_text().split())
+            else:
+                import secrets as _secrets
+
+                service_passwords = {n: _secrets.token_urlsafe(18) for n in ("_bridge", "_monitor")}
+                fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write("".join(f"{k}:{v}\n" for k, v in service_passwords.items()))
+        self.accounts = [mqtt_auth.ServiceAccount(k, v) for k, v in service_passwords.items()]
+        self.service_passwords = dict(service_passwords)
+        self.probe_username = "_monitor" if "_monitor" in service_passwords else None
+        self.probe_password = service_passwords.get("_monitor")
+
+    # ---- addresses ----
+    @property
+    def url(self) -> str:
+        """The services' URL (bridge account)."""
+        return self.account_url("_bridge")
+
+    def account_url(self, account: str) -> str:
+        from urllib.parse import quote
+
+        return f"mqtt://{account}:{quote(self.service_passwords[account], safe='')}@127.0.0.1:{self.port}"
+
+    @property
+    def device_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.device_port}"
+
+    @property
+    def tls_url(self) -> str | None:
+        return f"mqtts://localhost:{self.tls_port}" if self.tls_port else None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    def env(self) -> dict[str, str]:
+        return {"IOT_MQTT_URL": self.url}
+
+    # ---- accounts ----
+    def sync(self, engine) -> bool:
+        """Accounts from the database -> files -> SIGHUP (if running)."""
+        from cloud import mqtt_auth
+
+        return mqtt_auth.sync(engine, self.auth_dir, self.accounts, pid=self.pid if self.running else None)
+
+    def set_devices(self, password_file_text: str) -> bool:
+        from cloud import mqtt_auth
+
+        return mqtt_auth.sync(None, self.auth_dir, self.accounts, pid=self.pid if self.running else None,
+                              device_text=password_file_text)
+
+    def reload(self) -> None:
+        if self.running:
+            os.kill(self.proc.pid, signal.SIGHUP)
+
+    # ---- life cycle ----
+    def _choose_ports(self) -> None:
+        self.port = free_port()
+        self.device_port = free_port()
+        if self.tls:
+            self.tls_port = free_port()
+
+    def _prepare(self) -> None:
+        from cloud import ca, mqtt_auth
+
+        self.data_dir.mkdir(exist_ok=True)
+        if not (self.auth_dir / mqtt_auth.DEVICES_PASSWD).exists():
+            mqtt_auth.sync(None, self.auth_dir, self.accounts, device_text="")
+        else:
+            self.set_devices((self.auth_dir / mqtt_auth.DEVICES_PASSWD).read_text())
+        tls_args: dict = {}
+        if self.tls:
+            if not ((self.ca_dir / "server.crt").exists() and (self.ca_dir / "server.key").exists()):
+                ca.make_ca(self.ca_dir, ["localhost"], ["127.0.0.1"])
+            tls_args = {"tls_port": self.tls_port, "tls_bind": "127.0.0.1",
+                        "certfile": str(self.ca_dir / "server.crt"), "keyfile": str(self.ca_dir / "server.key")}
+        extra = [
+            "log_dest stderr", "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "connection_messages true", "log_timestamp true", "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            f"user {getpass.getuser()}",
+        ]
+        if self.config_extra:
+            extra.append(self.config_extra)
+        self.config_path.write_text(mqtt_auth.mosquitto_conf(
+            self.auth_dir, service_port=self.port, service_bind="127.0.0.1", device_port=self.device_port,
+            device_bind="127.0.0.1", persistence_dir=str(self.data_dir), extra=extra, **tls_args))
 
 
 def mqtt_connack(port: int, host: str = "127.0.0.1", timeout: float = 3.0, username=None, password=None) -> bool:

@@ -99,6 +99,7 @@ SCHEMA = (
     ("mqtt.host", "127.0.0.1", _str(253, False)),
     ("mqtt.port", 1883, _int_range(1, 65535)),
     ("mqtt.tls", False, _bool),
+    ("mqtt.ca", None, _opt_str(64)),  # CA file on flash (PEM or DER) that must have signed the broker's cert
     ("mqtt.user", None, _opt_str(128)),
     ("mqtt.password", None, _opt_str(128)),
     ("mqtt.keepalive", 30, _int_range(5, 3600)),

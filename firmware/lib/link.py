@@ -69,8 +69,11 @@ class Client(MQTTClient):
             pass
         self.sock.connect(addr)
         if self.ssl:
-            import ssl
-            self.sock = ssl.wrap_socket(self.sock, server_hostname=self.server, **self.ssl_params)
+            if hasattr(self.ssl, "wrap_socket"):  # an SSLContext that verifies the broker (tls_context())
+                self.sock = self.ssl.wrap_socket(self.sock, server_hostname=self.server)
+            else:
+                import ssl
+                self.sock = ssl.wrap_socket(self.sock, server_hostname=self.server, **self.ssl_params)
         flags = clean_session << 1
         body = bytearray(b"\x00\x04MQTT\x04\x00\x00\x00")
         body[8] = self.keepalive >> 8
@@ -181,6 +184,34 @@ class Client(MQTTClient):
         return self.wait_msg()
 
 
+def _der(data):
+    """PEM -> DER (the port's mbedtls takes DER as cadata); DER passes through."""
+    if data[:5] != b"-----":
+        return data
+    import binascii
+    lines = [ln.strip() for ln in data.split(b"\n")]
+    body = b"".join(ln for ln in lines if ln and not ln.startswith(b"-----"))
+    return binascii.a2b_base64(body)
+
+
+def tls_context(m):
+    """-> what Client's ``ssl`` argument takes: False (plain), True (TLS without verifying the broker: only when
+    no CA is configured) or an SSLContext that requires the broker's certificate to chain to mqtt.ca and to
+    name mqtt.host."""
+    if not m["tls"]:
+        return False
+    if not m.get("ca"):
+        print("link: WARNING mqtt.tls without mqtt.ca: the broker is NOT verified")
+        return True
+    import ssl
+    with open(m["ca"], "rb") as f:
+        cadata = _der(f.read())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=cadata)
+    return ctx
+
+
 class Link:
     """One MQTT session for the device: call poll() from the main loop."""
 
@@ -225,8 +256,14 @@ class Link:
             return False
         m = self.cfg["mqtt"]
         ka = m["keepalive"]
+        try:
+            tls = tls_context(m)
+        except (OSError, ValueError) as e:
+            d = self.backoff.fail()
+            print("link: cannot use CA file %r (%r), retry in %d ms" % (m.get("ca"), e, d))
+            return False
         c = Client(self.id, m["host"], m["port"], user=m["user"], password=m["password"], keepalive=ka,
-                   ssl=m["tls"], timeout_s=5)
+                   ssl=tls, timeout_s=5)
         c.set_callback(self._on_msg)
         c.set_last_will(self.t_status, self.status_payload("offline"), retain=True, qos=1)
         try:
