@@ -29,6 +29,7 @@
           if (min === null || max === null) { var now = Date.now() / 1000; return [now - 3600, now]; }
           return max - min < 60 ? [max - 60, max + 1] : [min, max];
         }}},
+        axes: [{}, {size: 64}],
         series: [{}, {label: m.key, stroke: m.color, width: 1.5, spanGaps: false,
                       value: function (u, v) { return v === null || v === undefined ? '—' : v.toFixed(m.digits); }}]
       }, [[], []], el);

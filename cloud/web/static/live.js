@@ -90,6 +90,10 @@
     on: function (h) { handlers.push(h); },
     api: api, fmt: fmt, ago: ago, toMs: toMs, timeText: timeText
   };
+  document.querySelectorAll('time[datetime]').forEach(function (el) {
+    var ms = toMs(el.getAttribute('datetime'));
+    if (ms !== null) { el.title = el.getAttribute('datetime'); el.textContent = new Date(ms).toLocaleString(); }
+  });
   setState('connecting');
   if (stateEl !== null) connect();
 })();
