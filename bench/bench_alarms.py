@@ -175,11 +175,16 @@ def main() -> int:
         reader_stop = threading.Event()
 
         def read_events() -> None:
+            consumer = out._consumer  # raw confluent consumer: take what is there, block only when empty
             while not reader_stop.is_set():
-                for r in out.poll_batch(1000, 0.05):
-                    event = json.loads(r.value)
+                msgs = consumer.consume(num_messages=1000, timeout=0) or consumer.consume(num_messages=1, timeout=0.05)
+                received = time.time() * 1000
+                for m in msgs:
+                    if m.error() is not None:
+                        continue
+                    event = json.loads(m.value())
                     if event["state"] == "raised" and event["rule"] == "hot" and event["ts"] >= phase_start_ms:
-                        delays.append(time.time() * 1000 - event["ts"])
+                        delays.append(received - event["ts"])
 
         reader = threading.Thread(target=read_events, daemon=True)
         reader.start()

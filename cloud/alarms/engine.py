@@ -231,7 +231,6 @@ class AlarmEngine:
         dev = self._state(record.partition, record.key, create=False)
         if dev is not None and R.apply_external(dev, rule, alarm, state):
             self.dirty[record.key] = (record.partition, dev)
-            self._update_active()
 
     def tick(self) -> None:
         """Timer (about once a second): nodata, offline-for-duration, alarms of removed rules. Partitions still
@@ -275,7 +274,6 @@ class AlarmEngine:
                 cmd = Command(cid=cid, op=op, args=args, exp=int(self.clock() * 1000) + COMMAND_TTL_S * 1000)
                 io.produce(self.topics.control, device, cmd.to_json(), {SOURCE_HEADER: SOURCE})
                 self.counts["commands"] += 1
-        self._update_active()
 
     def checkpoint(self) -> None:
         """Snapshots of the dirty devices -> changelog, flush everything, then commit the input offsets."""
@@ -296,6 +294,7 @@ class AlarmEngine:
         self.offsets = {}
         self.last_commit = time.monotonic()
         self.counts["checkpoints"] += 1
+        self._update_active()  # O(states): once per checkpoint, not per event
 
     def maybe_checkpoint(self) -> None:
         if time.monotonic() - self.last_commit >= self.commit_interval and (self.dirty or self.offsets):

@@ -109,8 +109,16 @@ class KafkaIO(StreamIO):
 
         if not self._subscribed:
             self._subscribe()
+        # consume() waits until it has max_records OR the timeout passed: take what is there now, and block only
+        # when there is nothing (else a quiet stream would wait the whole timeout for a full batch)
+        consumer = self._consumer
+        msgs = consumer.consume(num_messages=max_records, timeout=0)
+        if not msgs:
+            msgs = consumer.consume(num_messages=1, timeout=timeout)
+            if msgs:
+                msgs += consumer.consume(num_messages=max_records - 1, timeout=0)
         out = []
-        for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
+        for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:

@@ -293,7 +293,7 @@ class RuleState:
 
 class DeviceState:
     """Everything the engine remembers about one device; snapshotted to the changelog after each change."""
-    __slots__ = ("boot", "seq", "max_ts", "seen", "online", "offline_since", "rules")
+    __slots__ = ("boot", "seq", "max_ts", "seen", "online", "offline_since", "rules", "ruleset")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -303,6 +303,7 @@ class DeviceState:
         self.online: bool | None = None
         self.offline_since: int | None = None
         self.rules: dict[str, RuleState] = {}
+        self.ruleset: tuple | None = None  # the rules tuple last reconciled against (not persisted)
 
     def active(self) -> Iterable[tuple[str, RuleState]]:
         return ((n, rs) for n, rs in self.rules.items() if rs.alarm is not None)
@@ -384,6 +385,9 @@ def _state_for(dev: DeviceState, spec: RuleSpec) -> RuleState:
 def reconcile(device: str, dev: DeviceState, rules: tuple[RuleSpec, ...], ts: int) -> list[Change]:
     """Rules removed, disabled or changed to another kind/metric: clear their alarms and forget their state."""
     changes: list[Change] = []
+    if rules is dev.ruleset:  # the catalog hands out the same tuple until the rules change: nothing to do
+        return changes
+    dev.ruleset = rules
     if not dev.rules:
         return changes
     by_name = {r.name: r for r in rules}
@@ -430,7 +434,9 @@ def apply_reading(device: str, dev: DeviceState, rules: tuple[RuleSpec, ...], bo
         value = values.get(spec.metric)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        rs = _state_for(dev, spec)
+        rs = dev.rules.get(spec.name)
+        if rs is None:
+            rs = dev.rules[spec.name] = RuleState(kind, spec.metric)
         if kind == "threshold":
             hi, lo = spec.max, spec.min
             if rs.alarm is not None:
