@@ -220,6 +220,7 @@ def main() -> int:
         args.tenants, args.rows_per_device, args.backlog, args.seconds, args.samples = 50, 100, 20_000, 3, 20
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cloud").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     services = []
     workdir = Path(tempfile.mkdtemp(prefix="bench-writer-"))
