@@ -23,7 +23,7 @@ SERVICES = {
     "web": "dashboard, REST API /api/v1, WebSocket /ws, /healthz, /metrics",
     "sim": "a fleet of simulated devices running the real firmware on the MicroPython unix port",
     "kafka-init": "create the Kafka topics idempotently, then exit",
-    "db": "database migrations: db upgrade | db downgrade <rev>",
+    "db": "database: db upgrade | db downgrade <rev> | db maintain (partitions ahead, retention)",
 }
 
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data-dir", default="var/sim", help="one flash folder per device")
     sub.add_parser("kafka-init", help=SERVICES["kafka-init"])
     db = sub.add_parser("db", help=SERVICES["db"])
-    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("action", choices=["upgrade", "downgrade", "maintain"])
     db.add_argument("revision", nargs="?", default=None)
     return parser
 
@@ -96,8 +96,14 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
 
         if args.action == "upgrade":
             db.upgrade(settings.database_url, args.revision or "head")
-        else:
+        elif args.action == "downgrade":
             db.downgrade(settings.database_url, args.revision or "-1")
+        else:
+            from cloud.db.maintenance import maintain
+
+            engine = db.make_engine(settings.database_url)
+            log.info("maintenance: %s", maintain(engine))
+            engine.dispose()
         return 0
     if command == "web":
         from cloud.webserver import run_web
