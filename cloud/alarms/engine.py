@@ -44,6 +44,7 @@ SOURCE_HEADER = "src"
 SOURCE = "alarms"  # header on every event the engine produces; events without it come from elsewhere (web)
 MAX_FUTURE_MS = 5 * 60 * 1000  # a device clock further ahead of the cloud than this is not trusted
 COMMAND_TTL_S = 300
+_decode = json.JSONDecoder().raw_decode
 _CMD_NS = uuid.UUID("1b0c6a57-22a4-4f3e-8a8f-3c2f1f4b9d10")
 
 READINGS = Counter("iot_alarms_readings_total", "Readings evaluated by the alarm service", ["result"])
@@ -172,9 +173,9 @@ class AlarmEngine:
         if dev is None:
             return  # unknown device or no rules, and nothing to clear
         try:
-            data = json.loads(record.value)
+            data = _decode(record.value.decode("utf-8"))[0]  # the bridge validated it: skip json.loads' extras
             boot, seq, ts = data.get("boot"), data.get("seq"), data.get("ts")
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, IndexError):
             self.counts["invalid"] += 1
             INVALID.labels(record.topic).inc()
             return
