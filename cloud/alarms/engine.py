@@ -56,13 +56,15 @@ RESTORED = Counter("iot_alarms_restored_states_total", "Device states restored f
 
 class AlarmEngine:
     def __init__(self, io: StreamIO, topics, changelog: str, catalog: Callable[[], Catalog],
-                 clock: Callable[[], float] = time.time, commit_interval: float = 1.0):
+                 clock: Callable[[], float] = time.time, commit_interval: float = 5.0,
+                 on_unknown_device: Callable[[], None] | None = None):
         self.io = io
         self.topics = topics
         self.changelog = changelog
         self.catalog = catalog
         self.clock = clock
         self.commit_interval = commit_interval
+        self.on_unknown_device = on_unknown_device
         self.parts: dict[int, dict[str, R.DeviceState]] = {}  # input partition -> device -> state
         self.dirty: dict[str, tuple[int, R.DeviceState]] = {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to commit, per (topic, partition)
@@ -171,6 +173,8 @@ class AlarmEngine:
         rules = catalog.rules_for(device) if device else ()
         dev = self._state(record.partition, device, create=bool(rules)) if device else None
         if dev is None:
+            if device and self.on_unknown_device is not None and catalog.tenant(device) is None:
+                self.on_unknown_device()  # maybe provisioned a moment ago: reload the device map soon
             return  # unknown device or no rules, and nothing to clear
         try:
             data = _decode(record.value.decode("utf-8"))[0]  # the bridge validated it: skip json.loads' extras

@@ -9,7 +9,7 @@ from typing import Callable
 
 from sqlalchemy import Engine
 
-from cloud.alarms.catalog import Catalog, CatalogReloader, load_catalog
+from cloud.alarms.catalog import Catalog, CatalogReloader, DbLoader
 from cloud.alarms.engine import AlarmEngine
 from cloud.alarms.io import KafkaIO, MemoryIO, StreamIO
 from cloud.settings import Settings
@@ -28,7 +28,7 @@ class AlarmService:
     name = "alarms"
 
     def __init__(self, settings: Settings, bus, db: Engine | None = None, *, group: str = DEFAULT_GROUP,
-                 changelog: str = DEFAULT_CHANGELOG, reload_interval: float = 2.0, commit_interval: float = 1.0,
+                 changelog: str = DEFAULT_CHANGELOG, reload_interval: float = 2.0, commit_interval: float = 5.0,
                  tick_interval: float = 1.0, max_batch: int = 5000,
                  catalog_loader: Callable[[], Catalog] | None = None, clock: Callable[[], float] = time.time):
         self.settings = settings
@@ -40,7 +40,7 @@ class AlarmService:
         self.commit_interval = commit_interval
         self.max_batch = max_batch
         self.clock = clock
-        loader = catalog_loader or (lambda: load_catalog(db))  # type: ignore[arg-type]
+        loader = catalog_loader or DbLoader(db)  # type: ignore[arg-type]
         self.rules = CatalogReloader(loader, reload_interval)
         self.engine: AlarmEngine | None = None
         self.io: StreamIO | None = None
@@ -67,7 +67,8 @@ class AlarmService:
         self.rules.start()
         io = self.io = self._open_io()
         engine = self.engine = AlarmEngine(io, self.settings.topics, self.changelog, lambda: self.rules.current,
-                                           clock=self.clock, commit_interval=self.commit_interval)
+                                           clock=self.clock, commit_interval=self.commit_interval,
+                                           on_unknown_device=self.rules.want_devices)
         io.ensure_changelog(self.changelog, self.settings.topics.telemetry, self.settings.kafka_partitions,
                             self.settings.kafka_replication)
         self._running = True

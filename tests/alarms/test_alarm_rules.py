@@ -97,12 +97,12 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
 
         events: list[dict] = []
 
-        def collect(n):
+        def collect(n, timeout=10.0):
             def got():
                 events.extend(json.loads(r.value) for r in out.poll_batch(100, 0.05)
                               if r.headers.get(SOURCE_HEADER) == "alarms")
                 return len(events) >= n
-            return _wait(got)
+            return _wait(got, timeout)
 
         send("d1", 35)
         send("d2", 35)
@@ -121,6 +121,18 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
         send("d1", 35)
         assert collect(2)
         assert events[1]["state"] == "cleared" and events[1]["alarm_id"] == events[0]["alarm_id"]
+
+        with Session(engine) as s:  # a device provisioned while the service runs gets its tenant's rules
+            s.add(Device(id="d3", tenant_id=1, name="three"))
+            s.commit()
+
+        def d3_raised():
+            send("d3", 45)
+            collect(3, 0.2)
+            return any(e["device"] == "d3" for e in events)
+        started = time.monotonic()
+        assert _wait(d3_raised, 10)
+        assert time.monotonic() - started < 6
     finally:
         stop.set()
         thread.join(10)
