@@ -62,6 +62,7 @@ class Client(MQTTClient):
     def connect(self, clean_session=True):
         addr = socket.getaddrinfo(self.server, self.port)[0][-1]
         self.sock = socket.socket()
+        self.raw = self.sock  # timeouts are set on the TCP socket (a TLS socket has no settimeout)
         self.sock.settimeout(self.timeout)
         try:
             self.sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
@@ -72,8 +73,7 @@ class Client(MQTTClient):
             if hasattr(self.ssl, "wrap_socket"):  # an SSLContext that verifies the broker (tls_context())
                 self.sock = self.ssl.wrap_socket(self.sock, server_hostname=self.server)
             else:
-                import ssl
-                self.sock = ssl.wrap_socket(self.sock, server_hostname=self.server, **self.ssl_params)
+                self.sock = _ssl().wrap_socket(self.sock, server_hostname=self.server, **self.ssl_params)
         flags = clean_session << 1
         body = bytearray(b"\x00\x04MQTT\x04\x00\x00\x00")
         body[8] = self.keepalive >> 8
@@ -142,7 +142,7 @@ class Client(MQTTClient):
     def wait_msg(self):
         """Read and handle one whole packet. -> its type byte, or None if nothing was waiting."""
         res = self.sock.read(1)
-        self.sock.settimeout(self.timeout)
+        self.raw.settimeout(self.timeout)
         if res is None:
             return None
         if res == b"":
@@ -180,8 +180,16 @@ class Client(MQTTClient):
             sh += 7
 
     def check_msg(self):
-        self.sock.setblocking(False)
+        self.raw.setblocking(False)
         return self.wait_msg()
+
+
+def _ssl():
+    try:
+        import ssl  # a frozen module on the ESP32 and the unix port...
+    except ImportError:
+        import tls as ssl  # ...hidden on the unix port when MICROPYPATH leaves out .frozen
+    return ssl
 
 
 def _der(data):
@@ -203,12 +211,15 @@ def tls_context(m):
     if not m.get("ca"):
         print("link: WARNING mqtt.tls without mqtt.ca: the broker is NOT verified")
         return True
-    import ssl
+    ssl = _ssl()
     with open(m["ca"], "rb") as f:
         cadata = _der(f.read())
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=cadata)
+    try:
+        ctx.load_verify_locations(cadata=cadata)  # ssl.SSLContext
+    except TypeError:
+        ctx.load_verify_locations(cadata)  # tls.SSLContext takes it positionally
     return ctx
 
 
@@ -258,7 +269,7 @@ class Link:
         ka = m["keepalive"]
         try:
             tls = tls_context(m)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:
             d = self.backoff.fail()
             print("link: cannot use CA file %r (%r), retry in %d ms" % (m.get("ca"), e, d))
             return False
