@@ -125,10 +125,12 @@ class KafkaIO(StreamIO):
                     log.warning("consumer error: %s", err)
                 continue
             key = msg.key()
+            raw_headers = msg.headers()
+            headers = {k: (v.decode("utf-8", "replace") if v is not None else "")
+                       for k, v in raw_headers} if raw_headers else {}
             out.append(Record(msg.topic(), msg.partition(), msg.offset(),
                               key.decode("utf-8", "replace") if key is not None else None, msg.value() or b"",
-                              {k: (v.decode("utf-8", "replace") if v is not None else "")
-                               for k, v in (msg.headers() or [])}, msg.timestamp()[1]))
+                              headers, msg.timestamp()[1]))
         return out
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
