@@ -24,8 +24,6 @@ from cloud.passwords import (dummy_verify, hash_device_password, hash_password, 
                              verify_password)
 
 ROLES = ("admin", "operator", "viewer")
-RULE_KINDS = ("threshold", "rate", "nodata", "offline")
-RULE_METRICS = ("t", "h", "p", "rssi")
 DEVICE_SORTS = {
     "id": Device.id, "name": Device.name, "status": Device.status, "last_seen": Device.last_seen,
     "created_at": Device.created_at, "firmware": Device.firmware,
@@ -497,90 +495,26 @@ RULE_FIELDS = ("device_id", "name", "kind", "metric", "min", "max", "hysteresis"
                "nodata_s", "severity", "enabled", "on_raise", "on_clear")
 
 
-def _number_or_none(value: Any, name: str) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be a finite number")
-    return number
-
-
-def _validate_action(value: Any, name: str) -> dict | None:
-    if value in (None, "", {}):
-        return None
-    if not isinstance(value, dict) or "op" not in value:
-        raise ValueError(f"{name} must be an object like {{\"op\": \"led\", \"args\": {{\"state\": \"on\"}}}}")
-    try:
-        args = schema.validate_command_args(value["op"], value.get("args"))
-    except schema.Rejected as exc:
-        raise ValueError(f"{name}: {exc.reason}") from None
-    return {"op": value["op"], "args": args}
-
-
 def validate_rule(session: Session, tenant_id: int, data: dict[str, Any]) -> dict[str, Any]:
-    """Check and normalise rule fields; raises ValueError naming the first problem."""
+    """Check and normalise rule fields; raises ValueError naming the first problem.
+
+    What makes a rule valid is decided in one place, :func:`cloud.alarms.rules.validate_rule`, the same check
+    the alarm engine applies when it loads rules, so a rule the API accepts is a rule the engine runs. Here
+    only what needs the database is added: the device must belong to the tenant, and thresholds must lie in
+    the sensor's range (a rule outside it could never fire).
+    """
+    from cloud.alarms.rules import validate_rule as check_rule
+
     unknown = set(data) - set(RULE_FIELDS)
     if unknown:
         raise ValueError(f"unknown rule field(s): {', '.join(sorted(unknown))}")
-    out = dict(data)
-    name = (out.get("name") or "").strip()
-    if not name or len(name) > 64:
-        raise ValueError("rule name must be 1-64 characters")
-    out["name"] = name
-    kind = out.get("kind") or "threshold"
-    if kind not in RULE_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(RULE_KINDS)}, got {kind!r}")
-    out["kind"] = kind
-    metric = out.get("metric") or "t"
-    if metric not in RULE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(RULE_METRICS)}")
-    out["metric"] = metric
-    for key in ("min", "max", "rate_per_min"):
-        out[key] = _number_or_none(out.get(key), key)
-    out["hysteresis"] = _number_or_none(out.get("hysteresis"), "hysteresis") or 0.0
-    if out["hysteresis"] < 0:
-        raise ValueError("hysteresis must not be negative")
-    for key in ("duration_s", "nodata_s"):
-        value = out.get(key)
-        if value is None or value == "":
-            out[key] = 0 if key == "duration_s" else None
-            continue
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{key} must be a whole number of seconds")
-        try:
-            out[key] = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} must be a whole number of seconds, got {value!r}") from None
-        if out[key] < 0:
-            raise ValueError(f"{key} must not be negative, got {out[key]}")
-    if out["min"] is not None and out["max"] is not None and out["min"] > out["max"]:
-        raise ValueError(f"min {out['min']:g} is above max {out['max']:g}")
-    if kind == "threshold":
-        if out["min"] is None and out["max"] is None:
-            raise ValueError("a threshold rule needs min, max or both")
-        if metric in schema.LIMITS:
-            lo, hi = schema.LIMITS[metric]
-            for key in ("min", "max"):
-                if out[key] is not None and not lo <= out[key] <= hi:
-                    raise ValueError(f"{key} {out[key]:g} is outside the sensor range {lo:g}..{hi:g} of {metric}")
-    if kind == "rate" and (out["rate_per_min"] is None or out["rate_per_min"] <= 0):
-        raise ValueError("a rate rule needs rate_per_min > 0")
-    if kind == "nodata" and not out.get("nodata_s"):
-        raise ValueError("a nodata rule needs nodata_s > 0")
-    severity = out.get("severity") or "major"
-    if severity not in schema.SEVERITIES:
-        raise ValueError(f"severity must be one of {', '.join(schema.SEVERITIES)}, got {severity!r}")
-    out["severity"] = severity
-    out["enabled"] = bool(out.get("enabled", True))
-    out["on_raise"] = _validate_action(out.get("on_raise"), "on_raise")
-    out["on_clear"] = _validate_action(out.get("on_clear"), "on_clear")
-    device_id = out.get("device_id") or None
+    out = check_rule({k: v for k, v in data.items() if k != "device_id"})
+    if out["kind"] == "threshold" and out["metric"] in schema.LIMITS:
+        lo, hi = schema.LIMITS[out["metric"]]
+        for key in ("min", "max"):
+            if out[key] is not None and not lo <= out[key] <= hi:
+                raise ValueError(f"{key} {out[key]:g} is outside the sensor range {lo:g}..{hi:g} of {out['metric']}")
+    device_id = data.get("device_id") or None
     if device_id is not None and get_device(session, tenant_id, device_id) is None:
         raise ValueError(f"device {device_id!r} not found")
     out["device_id"] = device_id

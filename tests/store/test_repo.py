@@ -126,14 +126,14 @@ def test_device_credentials(engine, session):
 def test_rule_validation(engine, session):
     a = provision(engine, {"A": ["d1"]})["A"]
     cases = [
-        ({"name": "r", "min": 30, "max": 10}, "min 30 is above max 10"),
+        ({"name": "r", "min": 30, "max": 10}, "min 30 must be below max 10"),
         ({"name": "r", "metric": "co2", "max": 10}, "unknown metric 'co2'"),
         ({"name": "r", "max": 10, "duration_s": -5}, "duration_s must not be negative"),
         ({"name": "r"}, "needs min, max or both"),
         ({"name": "r", "max": 500}, "outside the sensor range"),
         ({"name": "r", "max": 10, "severity": "huge"}, "severity"),
         ({"name": "r", "max": 10, "on_raise": {"op": "explode"}}, "on_raise: unknown op"),
-        ({"name": "r", "kind": "nodata"}, "nodata_s > 0"),
+        ({"name": "r", "kind": "nodata"}, "needs nodata_s above 0"),
         ({"name": "", "max": 10}, "name"),
     ]
     for fields, message in cases:
@@ -146,7 +146,7 @@ def test_rule_validation(engine, session):
     with pytest.raises(ValueError, match="already exists"):
         repo.create_rule(session, a, name="hot", max=31)
     assert [r.id for r in repo.list_rules(session, a, device_id="d1")] == [rule.id, override.id]
-    with pytest.raises(ValueError, match="above max"):
+    with pytest.raises(ValueError, match="must be below max"):
         repo.update_rule(session, a, rule.id, min=40)
     assert repo.update_rule(session, a, rule.id, min=5).min == 5
 
