@@ -76,5 +76,8 @@ bench-bridge: deps kafka venv
 bench-writer: deps kafka venv
 	$(PY) bench/bench_writer.py
 
+bench-alarms: deps kafka venv
+	$(PY) bench/bench_alarms.py
+
 clean:
 	rm -rf build var test-artifacts .pytest_cache
