@@ -192,7 +192,10 @@ class Config:
         if not isinstance(raw, dict):
             warn("%s must hold a JSON object, using defaults" % path)
             raw = {}
-        return cls(raw, path)
+        cfg = cls(raw, path)
+        import gc
+        gc.collect()  # free the parse garbage before main.py imports (compiles) the next modules
+        return cfg
 
     def get(self, key):
         return _get(self.data, key)
