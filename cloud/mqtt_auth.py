@@ -111,8 +111,12 @@ def parse_accounts(items: Iterable[str]) -> list[ServiceAccount]:
     accounts: dict[str, ServiceAccount] = {}
     for item in items:
         for part in item.split(","):
-            if part.strip():
-                acc = ServiceAccount.parse(part.strip())
+            part = part.strip()
+            if part.endswith(":") and ":" not in part[:-1]:
+                log.info("mqtt-auth: service account %s has no password: not created", part[:-1])
+                continue
+            if part:
+                acc = ServiceAccount.parse(part)
                 accounts[acc.name] = acc
     return list(accounts.values())
 
