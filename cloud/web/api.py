@@ -242,6 +242,15 @@ def device(device_id: str):
         return jsonify(device_summary(d, latest, counts.get(d.id, 0)))
 
 
+@bp.patch("/devices/<device_id>")
+@login_required("admin")
+def rename_device(device_id: str):
+    name = _str(body(), "name")
+    with ctx().session_factory() as s:
+        d = data.rename_device(s, _tid(), device_id, name)
+        return jsonify(ser.device(d))
+
+
 @bp.post("/devices/<device_id>/rotate")
 @login_required("admin")
 def rotate_device(device_id: str):

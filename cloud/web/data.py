@@ -45,6 +45,12 @@ def create_device(s, tenant_id: int, device_id: str, name: str) -> tuple[Device,
     return device, password
 
 
+def rename_device(s, tenant_id: int, device_id: str, name: str) -> Device:
+    d = repo.rename_device(s, tenant_id, device_id, name)  # NotFound for another tenant's device
+    s.commit()
+    return d
+
+
 def rotate_device(s, tenant_id: int, device_id: str) -> str:
     get_device(s, tenant_id, device_id)
     password = repo.rotate_device_password(s, tenant_id, device_id)

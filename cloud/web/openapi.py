@@ -78,7 +78,11 @@ def spec() -> dict:
                             "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}$"},
                             "name": {"type": "string"}}}),
         },
-        "/api/v1/devices/{device_id}": {"get": _op("One device", _json(_ref("Device")), params=[DEVICE])},
+        "/api/v1/devices/{device_id}": {
+            "get": _op("One device", _json(_ref("Device")), params=[DEVICE]),
+            "patch": _op("Rename a device", _json(_ref("Device")), role="admin", params=[DEVICE],
+                         body={"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
+        },
         "/api/v1/devices/{device_id}/rotate": {
             "post": _op("New MQTT password (shown once); the old one stops working", _json(_ref("Provisioned")),
                         role="admin", params=[DEVICE])},

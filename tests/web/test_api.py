@@ -16,6 +16,7 @@ API_ROUTES_WITH_IDS = [
     # (method, path template, json body) -- {d} another tenant's device, {c} command, {a} alarm, {r} rule, {t} token
     ("GET", "/api/v1/devices/{d}", None),
     ("GET", "/api/v1/devices/{d}/latest", None),
+    ("PATCH", "/api/v1/devices/{d}", {"name": "stolen"}),
     ("GET", "/api/v1/devices/{d}/history?range=1h", None),
     ("GET", "/api/v1/devices/{d}/readings", None),
     ("GET", "/api/v1/devices/{d}/commands", None),
@@ -210,6 +211,9 @@ def test_provision_rotate_revoke(world):
     assert c.post("/api/v1/devices", json={"id": "bad id!"}, headers=world.a.auth("admin")).status_code == 400
     with db.session_factory(world.backend.engine)() as s:
         assert repo.verify_device_password(s, device_id, password)
+    r = c.patch(f"/api/v1/devices/{device_id}", json={"name": "Renamed"}, headers=world.a.auth("admin"))
+    assert r.status_code == 200 and r.json["name"] == "Renamed"
+    assert c.patch(f"/api/v1/devices/{device_id}", json={"name": ""}, headers=world.a.auth("admin")).status_code == 400
     r = c.post(f"/api/v1/devices/{device_id}/rotate", headers=world.a.auth("admin"))
     new_password = r.json["credentials"]["password"]
     assert new_password != password

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -10,6 +11,18 @@ import simple_websocket
 
 from cloud.web.ws import Client, Hub
 from tests.web.conftest import login
+
+
+class DaemonThread(threading.Thread):
+    """simple_websocket's reader thread, as a daemon: a connection left open must not keep pytest alive."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+def open_ws(url, headers=None):
+    return simple_websocket.Client.connect(url, headers=headers, thread_class=DaemonThread)
 
 
 def ws_url(live, token: str | None = None) -> str:
@@ -30,7 +43,7 @@ def receive_until(ws, predicate, timeout: float = 5.0):
 
 
 def connect(live, token=None, headers=None):
-    ws = simple_websocket.Client.connect(ws_url(live, token), headers=headers)
+    ws = open_ws(ws_url(live, token), headers=headers)
     hello = receive_until(ws, lambda e: e["type"] == "hello")
     assert hello is not None
     return ws, hello
@@ -68,9 +81,9 @@ def test_ws_with_session_cookie(world, live):
 
 def test_ws_requires_auth(world, live):
     with pytest.raises(simple_websocket.ConnectionError):
-        simple_websocket.Client.connect(ws_url(live))
+        open_ws(ws_url(live))
     with pytest.raises(simple_websocket.ConnectionError):
-        simple_websocket.Client.connect(ws_url(live, "iot_not-a-token"))
+        open_ws(ws_url(live, "iot_not-a-token"))
 
 
 def test_ws_refuses_cross_site_origin(world, live):
@@ -78,8 +91,7 @@ def test_ws_refuses_cross_site_origin(world, live):
     login(client, world.a.users["viewer"])
     cookie = client.get_cookie("iot_session")
     with pytest.raises(simple_websocket.ConnectionError):
-        simple_websocket.Client.connect(ws_url(live), headers={"Cookie": f"iot_session={cookie.value}",
-                                                               "Origin": "http://evil.example"})
+        open_ws(ws_url(live), headers={"Cookie": f"iot_session={cookie.value}", "Origin": "http://evil.example"})
 
 
 def test_slow_client_drops_oldest_and_gets_resync():
