@@ -15,9 +15,12 @@ Used by the pytest fixtures (tests/conftest.py), by ``make up`` and by the bench
 
 CLI::
 
-    python -m cloud.nativestack up --dir var/stack [--env-file var/stack/env.sh]
+    python -m cloud.nativestack up --dir var/stack [--env-file var/stack/env.sh] [--web-port 8000]
 
-starts all four, prints ``export IOT_...=...`` lines and runs until SIGINT/SIGTERM.
+starts what deploy/compose.yaml runs (:class:`Platform`): Mosquitto with accounts, ACLs and TLS
+(:class:`SecureMosquitto`), Kafka, PostgreSQL, Redis, then kafka-init, db upgrade, the account watcher, bridge,
+writer, alarms and web; prints ``export IOT_...=...`` lines and runs until SIGINT/SIGTERM. ``--backing-only``
+starts just the four backing services (anonymous Mosquitto) as before.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ __all__ = [
     "kafka_libs_dir",
     "group_pids",
     "main",
+    "Platform",
+    "PlatformService",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1165,13 +1170,14 @@ class Redis(Service):
 # --------------------------------------------------------------------------------------------------
 
 
-def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None) -> list[Service]:
-    """Start Mosquitto, Kafka, PostgreSQL and Redis under ``base``; all or nothing."""
+def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None, secure: bool = False) -> list[Service]:
+    """Start Mosquitto (``secure``: :class:`SecureMosquitto`), PostgreSQL, Redis and Kafka under ``base``;
+    all or nothing."""
     base = Path(base)
     services: list[Service] = []
     try:
         for factory in (
-            lambda: Mosquitto(base / "mosquitto"),
+            lambda: SecureMosquitto(base / "mosquitto") if secure else Mosquitto(base / "mosquitto"),
             lambda: Postgres(base / "postgres"),
             lambda: Redis(base / "redis"),
             lambda: Kafka(base / "kafka", libs=kafka_libs or kafka_libs_dir(fetch=True)),
@@ -1186,13 +1192,173 @@ def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None) -> list
     return services
 
 
+# --------------------------------------------------------------------------------------------------
+# our own services (what deploy/compose.yaml runs), as processes of this interpreter
+# --------------------------------------------------------------------------------------------------
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except Exception:
+        return False
+
+
+class PlatformService(Service):
+    """``python -m cloud <command>`` with ``env``; ready when ``/healthz`` on ``health_port`` answers 200."""
+
+    start_timeout = 90.0
+    stop_timeout = 30.0
+
+    def __init__(self, workdir, command: str, env: Mapping[str, str], *, port: int | None = None,
+                 health_path: str = "/healthz", args: Sequence[str] = ()):
+        self.name = command
+        super().__init__(workdir, port)
+        self.command = command
+        self.args = list(args)
+        self.base_env = dict(env)
+        self.health_path = health_path
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.health_path}"
+
+    def _environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
+        env.update(self.base_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.command == "web":
+            env["IOT_WEB_PORT"] = str(self.port)
+        else:
+            env["IOT_METRICS_PORT"] = str(self.port)
+        return env
+
+    def _command(self) -> Sequence[str]:
+        return [sys.executable, "-m", "cloud", self.command, *self.args]
+
+    def _popen_kwargs(self) -> dict:
+        return {"env": self._environ(), "cwd": str(self.workdir)}
+
+    def _ready(self) -> bool:
+        return _http_ok(self.health_url)
+
+
+def run_once(command: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float = 300) -> None:
+    """A one-shot job (kafka-init, db upgrade) like compose's; raises ServiceStartError with its log."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
+    full.update(env)
+    full["PYTHONPATH"] = str(REPO_ROOT)
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n=== nativestack: {' '.join(command)}\n".encode())
+        logf.flush()
+        rc = subprocess.run([sys.executable, "-m", *command], env=full, stdout=logf, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=str(REPO_ROOT), timeout=timeout).returncode
+    if rc != 0:
+        raise ServiceStartError(f"`python -m {' '.join(command)}` failed with status {rc}\n"
+                                f"--- {log_path} ---\n{_tail(log_path)}")
+
+
+class Platform:
+    """The production topology of deploy/compose.yaml on loopback, natively:
+
+    SecureMosquitto (accounts from the database, TLS listener with a CA from cloud.ca), PostgreSQL, Redis, Kafka;
+    then the one-shot ``kafka-init`` and ``db upgrade``; the account watcher (cloud.mqtt_auth.Watcher, a thread
+    here, SIGHUP to the broker); then ``bridge``, ``writer``, ``alarms`` and ``web`` as processes. ``env()`` is
+    what the services got; ``stop()`` stops everything in reverse order."""
+
+    SERVICES = ("bridge", "writer", "alarms", "web")
+
+    def __init__(self, base: str | os.PathLike, *, kafka_libs: str | None = None, web_port: int | None = None,
+                 services: Sequence[str] = SERVICES, secret_key: str | None = None, extra_env=None):
+        self.base = Path(base).resolve()
+        self.kafka_libs = kafka_libs
+        self.web_port = web_port
+        self.service_names = list(services)
+        self.secret_key = secret_key
+        self.extra_env = dict(extra_env or {})
+        self.backing: list[Service] = []
+        self.services: dict[str, PlatformService] = {}
+        self.watcher = None
+        self.engine = None
+
+    @property
+    def mosquitto(self) -> "SecureMosquitto":
+        return self.backing[0]  # type: ignore[return-value]
+
+    def env(self) -> dict[str, str]:
+        env = {"IOT_PROFILE": "production"}
+        for svc in self.backing:
+            env.update(svc.env())
+        secret_file = self.base / "secret_key"
+        if self.secret_key:
+            env["IOT_SECRET_KEY"] = self.secret_key
+        else:
+            if not secret_file.exists():
+                import secrets as _secrets
+
+                fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(_secrets.token_urlsafe(48))
+            env["IOT_SECRET_KEY"] = secret_file.read_text().strip()
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> "Platform":
+        from cloud import db, mqtt_auth
+
+        self.base.mkdir(parents=True, exist_ok=True)
+        try:
+            self.backing = start_all(self.base, kafka_libs=self.kafka_libs, secure=True)
+            env = self.env()
+            logs = self.base / "jobs.log"
+            run_once(["cloud", "kafka-init"], env, logs)
+            run_once(["cloud", "db", "upgrade"], env, logs)
+            self.engine = db.make_engine(env["IOT_DATABASE_URL"])
+            self.watcher = mqtt_auth.Watcher(self.engine, self.mosquitto.auth_dir, self.mosquitto.accounts,
+                                             interval=1.0, pid=self.mosquitto.pid)
+            self.watcher.once()
+            self.watcher.start()
+            for name in self.service_names:
+                port = self.web_port if name == "web" else None
+                svc = PlatformService(self.base / name, name, env, port=port)
+                self.services[name] = svc
+                svc.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def running(self) -> list[Service]:
+        return [*self.backing, *self.services.values()]
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.services.values())):
+            svc.close()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+        for svc in reversed(self.backing):
+            svc.close()
+        self.services.clear()
+        self.backing = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud.nativestack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="start Mosquitto, Kafka, PostgreSQL and Redis; run until SIGINT/SIGTERM")
+    up = sub.add_parser("up", help="start the production topology (like deploy/compose.yaml) natively; "
+                                   "run until SIGINT/SIGTERM")
     up.add_argument("--dir", required=True, help="working directory for configs, data and logs")
     up.add_argument("--env-file", help="also write the export lines to this file")
     up.add_argument("--kafka-libs", help="directory of Kafka jars (default: $IOT_KAFKA_LIBS or the cache)")
+    up.add_argument("--backing-only", action="store_true",
+                    help="only Mosquitto (anonymous, as in the tests), Kafka, PostgreSQL and Redis")
+    up.add_argument("--web-port", type=int, default=None, help="dashboard port (default: IOT_WEB_PORT or 8000)")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -1202,21 +1368,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    platform: Platform | None = None
     try:
-        services = start_all(args.dir, kafka_libs=args.kafka_libs)
+        if args.backing_only:
+            services = start_all(args.dir, kafka_libs=args.kafka_libs)
+            env: dict[str, str] = {}
+            for svc in services:
+                env.update(svc.env())
+        else:
+            web_port = args.web_port or int(os.environ.get("IOT_WEB_PORT") or 8000)
+            platform = Platform(args.dir, kafka_libs=args.kafka_libs, web_port=web_port).start()
+            services = platform.running()
+            env = platform.env()
     except ServiceStartError as exc:
         print(f"nativestack: {exc}", file=sys.stderr)
         return 1
     try:
-        lines = []
-        for svc in services:
-            for k, v in svc.env().items():
-                lines.append(f"export {k}={v}")
+        lines = [f"export {k}={shlex_quote(v)}" for k, v in env.items()]
         text = "\n".join(lines) + "\n"
         if args.env_file:
             Path(args.env_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.env_file).write_text(text)
+            fd = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
         sys.stdout.write(text)
+        if platform is not None:
+            m = platform.mosquitto
+            web = platform.services.get("web")
+            print(f"# dashboard:  {web.health_url.rsplit('/', 1)[0] if web else '-'}/")
+            print(f"# devices:    {m.device_url} (plain), {m.tls_url} (TLS, CA {m.ca_file})")
+            print("# accounts:   provisioned devices reach the broker within ~1 s (mqtt-auth watcher)")
+            for name, svc in platform.services.items():
+                print(f"# {name + ':':11} {svc.health_url}  log {svc.log_path}")
         sys.stdout.flush()
         print(f"# nativestack up in {Path(args.dir).resolve()}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():
@@ -1226,9 +1409,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stop.set()
             stop.wait(1.0)
     finally:
-        for svc in reversed(services):
-            svc.close()
+        if platform is not None:
+            platform.stop()
+        else:
+            for svc in reversed(services):
+                svc.close()
     return 0
+
+
+def shlex_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
 
 
 if __name__ == "__main__":
