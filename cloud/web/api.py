@@ -495,14 +495,14 @@ def create_rule():
         return jsonify(ser.rule(r)), 201
 
 
-@bp.get("/rules/<int:rule_id>")
+@bp.get("/rules/<int(max=2147483647):rule_id>")
 @login_required()
 def rule(rule_id: int):
     with ctx().session_factory() as s:
         return jsonify(ser.rule(data.get_rule(s, _tid(), rule_id)))
 
 
-@bp.route("/rules/<int:rule_id>", methods=["PUT", "PATCH"])
+@bp.route("/rules/<int(max=2147483647):rule_id>", methods=["PUT", "PATCH"])
 @login_required("operator")
 def update_rule(rule_id: int):
     fields = _rule_fields(body(), partial=True)
@@ -515,7 +515,7 @@ def update_rule(rule_id: int):
         return jsonify(ser.rule(r))
 
 
-@bp.delete("/rules/<int:rule_id>")
+@bp.delete("/rules/<int(max=2147483647):rule_id>")
 @login_required("operator")
 def delete_rule(rule_id: int):
     with ctx().session_factory() as s:
@@ -553,7 +553,7 @@ def create_token():
     return jsonify(**out, token=secret, note="the token is shown once; store it now"), 201
 
 
-@bp.delete("/tokens/<int:token_id>")
+@bp.delete("/tokens/<int(max=2147483647):token_id>")
 @login_required("admin")
 def revoke_token(token_id: int):
     with ctx().session_factory() as s:

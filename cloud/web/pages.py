@@ -258,7 +258,7 @@ def add_token():
     return _admin_page(issued_token=issued_token)
 
 
-@bp.post("/admin/tokens/<int:token_id>/revoke")
+@bp.post("/admin/tokens/<int(max=2147483647):token_id>/revoke")
 @login_required("admin")
 def revoke_token(token_id: int):
     with ctx().session_factory() as s:

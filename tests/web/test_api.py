@@ -78,7 +78,7 @@ def test_auth_required_everywhere(world):
     for rule in world.app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1") or rule.rule.endswith("openapi.json"):
             continue
-        path = re.sub(r"<(?:int:)?([^>]+)>", lambda m: "1" if "int:" in m.group(0) else "x", rule.rule)
+        path = re.sub(r"<(?:[a-z]+(?:\([^)]*\))?:)?([^>]+)>", lambda m: "1" if "int" in m.group(0) else "x", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             r = c.open(path, method=method, json={} if method != "GET" else None)
             # no session: writes fail on CSRF (403) or auth (401), reads on auth (401); never 2xx
@@ -300,7 +300,7 @@ def test_openapi_covers_every_route(world):
     for rule in world.app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1"):
             continue
-        path = re.sub(r"<(?:int:)?([^>]+)>", r"{\1}", rule.rule)
+        path = re.sub(r"<(?:[a-z]+(?:\([^)]*\))?:)?([^>]+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (path, method) in documented, (path, method)
     assert c.get("/docs").status_code == 200
@@ -308,6 +308,8 @@ def test_openapi_covers_every_route(world):
 
 def test_unknown_api_route_is_json(world):
     r = world.client().get("/api/v1/nope", headers=world.a.auth())
+    assert r.status_code == 404 and r.json["error"]
+    r = world.client().get("/api/v1/rules/99999999999999999999999", headers=world.a.auth())
     assert r.status_code == 404 and r.json["error"]
 
 
