@@ -204,6 +204,7 @@ class Bridge:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.fast_on_message = self._on_message  # lean PUBLISH path (see cloud.mqtt.FastClient)
         # we run the network loop ourselves: queue writes (PUBACKs) and send them in one go per loop turn
         client.on_socket_register_write = lambda *_: None
         client.on_socket_unregister_write = lambda *_: None
@@ -241,8 +242,8 @@ class Bridge:
         now = time.time()
         try:
             topic = msg.topic
-        except UnicodeDecodeError:
-            topic = repr(msg._topic)
+        except UnicodeDecodeError:  # brokers reject such topics; never crash on input anyway
+            topic = msg._topic.decode("utf-8", "replace")
         payload = msg.payload
         device = None
         kind = "other"
@@ -365,7 +366,8 @@ class Bridge:
                     client._sock_close()
                 rc = MQTTErrorCode.MQTT_ERR_SUCCESS
                 if r or pending:
-                    rc = client.read_packets(max(1, self.max_inflight - len(inflight)))
+                    # bounded, so delivery reports and acks are served between reads
+                    rc = client.read_packets(max(1, min(500, self.max_inflight - len(inflight))))
                 self._pump_bus(producer)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is not None and client.want_write():
                     rc = client.loop_write()

@@ -3,11 +3,13 @@
 * :func:`new_client` builds a paho client (callback API v2) from an ``mqtt://`` / ``mqtts://`` URL: credentials,
   TLS (system CAs, or ``ca_file``), MQTT v5 or v3.1.1, persistent or clean session, receive-maximum, and paho's
   own reconnect backoff (used by ``loop_start``/``loop_forever``).
-* :class:`FastClient` is a paho client that reads the socket in large chunks. Stock paho issues one ``recv``
-  per byte of the fixed header plus one for the body (3+ system calls per message) and one ``select`` per packet;
-  under load that is most of the bridge's CPU. FastClient keeps a user-space read buffer and lets the owner of the
-  network loop drain every complete packet at once (:meth:`FastClient.read_packets`), and coalesces queued
-  PUBACKs into one ``send``. Behaviour is otherwise paho's.
+* :class:`FastClient` is a paho client for code that runs its own network loop. Stock paho issues one ``recv``
+  per byte of the fixed header plus one for the body (3+ system calls per message), one ``select`` per packet,
+  and builds an MQTTMessage (with a Condition) and a v5 Properties object per PUBLISH; under load that is most of
+  the bridge's CPU. FastClient parses packets out of a user-space buffer filled by large reads
+  (:meth:`FastClient.read_packets`), decodes QoS 0/1 PUBLISH itself when ``fast_on_message`` is set, and
+  coalesces queued PUBACKs into one ``send``. Everything else (CONNACK, SUBACK, PINGRESP, QoS 2, DISCONNECT) is
+  handled by paho. Written against paho-mqtt 2.2.0 (pinned): it overrides private methods.
 * :class:`Backoff` is exponential backoff with jitter for hand-written reconnect loops.
 """
 
@@ -17,9 +19,11 @@ import logging
 import random
 import socket
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as paho
+from paho.mqtt.client import time_func
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -51,11 +55,32 @@ class Backoff:
         self._current = self.initial
 
 
-class FastClient(paho.Client):
-    """paho Client with a buffered reader and coalesced PUBACK writes (see module docstring).
+class FastMessage:
+    """What the fast path hands to ``fast_on_message``: the fields of paho's MQTTMessage the bridge uses."""
 
-    Only the code that runs the network loop itself (``loop_read``/``loop_write``) benefits; with
-    ``loop_start``/``loop_forever`` it behaves like a stock client (the buffer is still used)."""
+    __slots__ = ("mid", "qos", "_topic", "payload", "retain", "dup")
+
+    def __init__(self, mid: int, qos: int, topic: bytes, payload: bytes, retain: bool, dup: bool):
+        self.mid, self.qos, self._topic, self.payload, self.retain, self.dup = mid, qos, topic, payload, retain, dup
+
+    @property
+    def topic(self) -> str:
+        return self._topic.decode("utf-8")
+
+
+_DEFAULT_IN_PACKET = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                      "remaining_length": 0, "packet": b"", "to_process": 0, "pos": 0}
+
+
+class FastClient(paho.Client):
+    """paho Client with a buffered packet reader, a lean PUBLISH path and coalesced PUBACK writes.
+
+    For the owner of the network loop (``read_packets``/``loop_write``/``loop_misc``). When
+    ``fast_on_message`` is set, PUBLISH packets with QoS 0/1 are decoded here (MQTT v5 properties are skipped,
+    no MQTTMessage/MQTTMessageInfo objects, no per-topic callback matching) and handed to
+    ``fast_on_message(client, userdata, FastMessage)``; every other packet goes through paho's own handlers."""
+
+    fast_on_message: Callable[[Any, Any, FastMessage], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -64,16 +89,14 @@ class FastClient(paho.Client):
 
     # --- reading ----------------------------------------------------------------------------------------
     def _sock_recv(self, bufsize: int) -> bytes:
+        # used by paho's own reader (loop_read); shares the buffer with read_packets
         avail = len(self._rbuf) - self._rpos
         if avail <= 0:
             data = super()._sock_recv(_READ_CHUNK)  # BlockingIOError when nothing is there
             if not data:
                 return data  # EOF: paho treats it as connection lost
             self._rbuf, self._rpos, avail = data, 0, len(data)
-        if bufsize >= avail and self._rpos == 0:
-            out = self._rbuf
-        else:
-            out = self._rbuf[self._rpos:self._rpos + bufsize]
+        out = self._rbuf[self._rpos:self._rpos + bufsize]
         self._rpos += len(out)
         return out
 
@@ -81,31 +104,96 @@ class FastClient(paho.Client):
         """Bytes already read from the socket and not yet parsed."""
         return len(self._rbuf) - self._rpos
 
-    def read_packets(self, limit: int = 10_000) -> MQTTErrorCode:
-        """Parse every complete packet that is available (at most ``limit``), reading the socket once more
-        when the buffer runs dry. Returns paho's error code (non-zero: the connection is gone)."""
-        for _ in range(limit):
-            rc = self.loop_read()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None:
-                return rc
-            if self.buffered() == 0:
-                # one more packet may be half-parsed or the kernel may hold more; select() will tell
-                if self._in_packet["command"] == 0:
-                    break
-                if not self._readable_now():
-                    break
+    def read_packets(self, limit: int = 1000) -> MQTTErrorCode:
+        """Handle up to ``limit`` complete packets, reading the socket whenever the buffer runs dry, until it
+        would block. Returns paho's error code (non-zero: the connection is gone, on_disconnect was called)."""
+        if self._in_packet["command"] != 0:  # paho's reader is mid-packet: let it finish first
+            return self.loop_read()
+        handled = 0
+        while handled < limit:
+            buf, pos = self._rbuf, self._rpos
+            n = len(buf)
+            if n - pos >= 2:
+                header = buf[pos]
+                length, mult, i = 0, 1, pos + 1
+                complete = False
+                while i < n:
+                    byte = buf[i]
+                    i += 1
+                    length += (byte & 127) * mult
+                    mult <<= 7
+                    if not byte & 128:
+                        complete = True
+                        break
+                    if i - pos > 4:
+                        return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                if complete and n - i >= length:
+                    self._rpos = i + length
+                    handled += 1
+                    rc = self._dispatch(header, buf[i:i + length])
+                    if rc:
+                        return self._loop_rc_handle(rc)
+                    if self._sock is None:
+                        return MQTTErrorCode.MQTT_ERR_NO_CONN
+                    continue
+            sock = self._sock
+            if sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            try:
+                data = sock.recv(_READ_CHUNK)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("MQTT socket read failed: %s", exc)
+                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            if not data:
+                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            self._rbuf = buf[pos:] + data if pos < n else data
+            self._rpos = 0
+            self._last_bytes_received = time_func()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def _readable_now(self) -> bool:
-        sock = self._sock
-        if sock is None:
-            return False
-        if hasattr(sock, "pending") and sock.pending() > 0:
-            return True
+    def _dispatch(self, header: int, body: bytes) -> MQTTErrorCode:
+        callback = self.fast_on_message
+        if header & 0xF0 == 0x30 and callback is not None and (header & 0x06) != 0x04:
+            try:
+                qos = (header >> 1) & 3
+                tlen = (body[0] << 8) | body[1]
+                p = 2 + tlen
+                mid = 0
+                if qos:
+                    mid = (body[p] << 8) | body[p + 1]
+                    p += 2
+                if self._protocol == MQTTv5:  # skip the properties
+                    plen, mult = 0, 1
+                    while True:
+                        byte = body[p]
+                        p += 1
+                        plen += (byte & 127) * mult
+                        mult <<= 7
+                        if not byte & 128:
+                            break
+                    p += plen
+                message = FastMessage(mid, qos, body[2:2 + tlen], body[p:], bool(header & 1), bool(header & 8))
+            except IndexError:
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            try:
+                callback(self, self._userdata, message)
+            except Exception:  # noqa: BLE001 (a callback bug must not kill the connection)
+                log.exception("error in MQTT message callback")
+            if qos == 1 and not self._manual_ack:
+                return self._send_puback(mid)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._in_packet = {**_DEFAULT_IN_PACKET, "command": header, "have_remaining": 1,
+                           "remaining_length": len(body), "packet": bytearray(body), "remaining_count": []}
         try:
-            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # type: ignore[call-arg]
-        except (BlockingIOError, ssl.SSLError, OSError, TypeError, ValueError):
-            return False
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            log.debug("malformed MQTT packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        finally:
+            self._in_packet = {**_DEFAULT_IN_PACKET, "packet": bytearray(b""), "remaining_count": []}
+        return rc
 
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
