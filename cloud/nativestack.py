@@ -1290,9 +1290,10 @@ class Platform:
         return self.backing[0]  # type: ignore[return-value]
 
     def env(self) -> dict[str, str]:
-        env = {"IOT_PROFILE": "production"}
+        env: dict[str, str] = {}
         for svc in self.backing:
             env.update(svc.env())
+        env["IOT_PROFILE"] = "production"
         secret_file = self.base / "secret_key"
         if self.secret_key:
             env["IOT_SECRET_KEY"] = self.secret_key
@@ -1377,6 +1378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env.update(svc.env())
         else:
             web_port = args.web_port or int(os.environ.get("IOT_WEB_PORT") or 8000)
+            if not port_is_free(web_port):
+                taken, web_port = web_port, free_port()
+                print(f"nativestack: port {taken} is taken, the dashboard uses {web_port}", file=sys.stderr)
             platform = Platform(args.dir, kafka_libs=args.kafka_libs, web_port=web_port).start()
             services = platform.running()
             env = platform.env()

@@ -17,6 +17,7 @@ import importlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -335,16 +336,21 @@ def test_mosquitto_accepts_the_shipped_config(tmp_path):
 
     (tmp_path / "m.conf").write_text(text + f"user {getpass.getuser()}\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(tmp_path / "m.conf")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    log = tmp_path / "mosquitto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([binary, "-c", str(tmp_path / "m.conf")], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            if mqtt_connack(ports[1883], username="_monitor", password="pw"):
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert mqtt_connack(ports[1884]) and mqtt_connack(ports[1883])
+        deadline = time.monotonic() + 20
+        ok = False
+        while time.monotonic() < deadline and proc.poll() is None and not ok:
+            try:
+                ok = (mqtt_connack(ports[1883], username="_monitor", password="pw") and mqtt_connack(ports[1884])
+                      and socket.create_connection(("127.0.0.1", ports[8883]), timeout=2).close() is None)
+            except OSError:
+                ok = False
+            if not ok:
+                time.sleep(0.2)
+        assert ok and proc.poll() is None, log.read_text(errors="replace")
     finally:
         proc.terminate()
         proc.wait(10)
