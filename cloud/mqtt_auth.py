@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from cloud.service import serve
 
     port = settings.metrics_port if args.metrics_port is None else args.metrics_port
-    return serve(watcher, ops_port=port)
+    return serve(watcher, host=getattr(settings, "metrics_host", "127.0.0.1"), ops_port=port)
 
 
 if __name__ == "__main__":
