@@ -417,3 +417,28 @@ def test_firmware_with_another_devices_password_cannot_connect(broker, pair, tmp
 
 def test_broker_probe_answers(broker):
     assert mqtt_connack(broker.port, username="_monitor", password=broker.service_passwords["_monitor"])
+
+
+def test_cli_sync_and_watch(engine, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url = str(engine.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
+    env.update({"IOT_DATABASE_URL": url, "SVC": "bridge:pw1,_monitor:pw2,connect:"})
+    out = subprocess.run([sys.executable, "-m", "cloud.mqtt_auth", "sync", "--dir", str(tmp_path / "a"),
+                          "--service-env", "SVC"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = (tmp_path / "a" / mqtt_auth.SERVICES_PASSWD).read_text()
+    assert services.startswith("_bridge:$7$") and "_monitor:$7$" in services and "_connect" not in services
+    assert "user _bridge\ntopic read devices/+/telemetry" in (tmp_path / "a" / mqtt_auth.SERVICES_ACL).read_text()
+    watch = subprocess.Popen([sys.executable, "-m", "cloud.mqtt_auth", "watch", "--dir", str(tmp_path / "b"),
+                              "--service-env", "SVC", "--interval", "0.2", "--metrics-port", "0"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "b" / mqtt_auth.DEVICES_PASSWD).exists(), 20, "the watcher's first sync")
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(20) == 0, watch.stdout.read()
