@@ -23,6 +23,8 @@ SERVICES = {
     "web": "dashboard, REST API /api/v1, WebSocket /ws, /healthz, /metrics",
     "sim": "a fleet of simulated devices running the real firmware on the MicroPython unix port",
     "kafka-init": "create the Kafka topics idempotently, then exit",
+    "ca": "create a private CA and the MQTT broker's TLS certificate (default deploy/certs)",
+    "mqtt-auth": "Mosquitto accounts + ACLs from the database: mqtt-auth sync|watch|conf",
     "db": "database: db upgrade | db downgrade <rev> | db maintain (partitions ahead, retention)",
 }
 
@@ -48,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--interval", type=int, default=5, help="seconds between readings")
     sim.add_argument("--data-dir", default="var/sim", help="one flash folder per device")
     sub.add_parser("kafka-init", help=SERVICES["kafka-init"])
+    from cloud import ca as ca_mod
+    from cloud import mqtt_auth as auth_mod
+
+    sub.add_parser("ca", parents=[ca_mod.build_parser()], add_help=False, help=SERVICES["ca"])
+    sub.add_parser("mqtt-auth", parents=[auth_mod.build_parser()], add_help=False, help=SERVICES["mqtt-auth"])
     db = sub.add_parser("db", help=SERVICES["db"])
     db.add_argument("action", choices=["upgrade", "downgrade", "maintain"])
     db.add_argument("revision", nargs="?", default=None)
@@ -60,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command in ("ca", "mqtt-auth"):  # one-shot tools with their own argument parsers
+        rest = (sys.argv[1:] if argv is None else list(argv))[1:]
+        if args.command == "ca":
+            from cloud.ca import main as ca_main
+
+            return ca_main(rest)
+        from cloud.mqtt_auth import main as auth_main
+
+        return auth_main(rest)
     try:
         settings = settings_mod.load()
     except settings_mod.SettingsError as exc:
@@ -109,7 +125,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         from cloud.webserver import run_web
 
         return run_web(settings)
-    return serve(build_service(command, settings), ops_port=settings.metrics_port)
+    return serve(build_service(command, settings), host=settings.metrics_host, ops_port=settings.metrics_port)
 
 
 def build_service(command: str, settings: settings_mod.Settings):

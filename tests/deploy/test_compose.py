@@ -34,8 +34,6 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 OUR_IMAGE = "${PLATFORM_IMAGE:-iot-platform:latest}"
 ONE_SHOT = {"kafka-init", "migrate", "mqtt-auth-init", "connect-init"}
-# settings compose needs that cloud/settings.py does not have yet (the lead adds them: see the security report)
-PENDING_SETTINGS = {"IOT_METRICS_HOST"}
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
@@ -129,7 +127,7 @@ def test_iot_variables_are_settings_and_env_variables_are_documented(compose):
         keys |= set(compose.get(anchor, {}))
     iot_keys = {k for k in keys if k.startswith("IOT_")}
     interpolated = {m.group(1) for m in _VAR.finditer(text)}
-    unknown = sorted((iot_keys | {v for v in interpolated if v.startswith("IOT_")}) - documented - PENDING_SETTINGS)
+    unknown = sorted((iot_keys | {v for v in interpolated if v.startswith("IOT_")}) - documented)
     assert not unknown, f"IOT_* variables used by compose.yaml but not in cloud.settings: {unknown}"
     # every variable taken from .env is in .env.example (secrets, IOT_* settings, ports, versions)
     missing = sorted(interpolated - set(example))
@@ -142,16 +140,10 @@ def test_iot_variables_are_settings_and_env_variables_are_documented(compose):
 
 
 def test_every_iot_setting_in_env_example_is_real():
-    documented = set(settings_mod.documented_variables()) | PENDING_SETTINGS
+    documented = set(settings_mod.documented_variables())
     bogus = sorted(k for k in _env_example() if k.startswith("IOT_") and k not in documented
                   )
     assert not bogus, bogus
-
-
-@pytest.mark.xfail(reason="cloud/settings.py lacks IOT_METRICS_HOST (Prometheus in compose needs /metrics on "
-                          "0.0.0.0): snippet in the security report", strict=False)
-def test_pending_settings_have_landed():
-    assert PENDING_SETTINGS <= set(settings_mod.documented_variables())
 
 
 def test_required_secrets_have_no_defaults():
