@@ -439,6 +439,10 @@ class Mosquitto(Service):
             "persistence true",
             f"persistence_location {self.data_dir}/",
             "autosave_interval 30",
+            # at least once: the default queue limit (1000) drops QoS 1 messages for an absent/slow bridge
+            "max_queued_messages 0",
+            "max_queued_bytes 268435456",
+            "max_inflight_messages 0",
             "log_dest stderr",  # stderr is redirected to mosquitto.log
             "log_type error",
             "log_type warning",
