@@ -332,7 +332,7 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
         worker_rate = rate_value.value / rate_value.workers
         due = int(worker_rate * (now - base_t)) - (sent - base_sent)
         if due > worker_rate * 0.5:  # fell behind by more than half a second: don't burst, slip the schedule
-            base_sent += due - int(worker_rate * 0.05)
+            base_sent -= due - int(worker_rate * 0.05)
             due = int(worker_rate * 0.05)
         touched = set()
         skipped = 0
