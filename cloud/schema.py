@@ -81,17 +81,43 @@ def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise Rejected("payload is not UTF-8") from None
+    if "\x00" in text:
+        raise Rejected("payload contains a NUL character")
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except Rejected:
         raise
     except ValueError as exc:
         raise Rejected(f"malformed JSON: {exc}") from None
+    except RecursionError:  # 4 KB of "[" is within the size limit but beyond the parser's nesting limit
+        raise Rejected("JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise Rejected(f"expected a JSON object, got {type(data).__name__}")
+    if "\\u" in text:
+        _check_storable(data)
     if data.get("v") != VERSION:
         raise Rejected(f"unsupported schema version v={data.get('v')!r}, expected {VERSION}")
     return data
+
+
+def _check_storable(data: Any) -> None:
+    """Escapes can smuggle in what no store can hold: NUL (PostgreSQL text and JSONB refuse it) and lone UTF-16
+    surrogates (not encodable as UTF-8). Only payloads that contain a backslash-u escape need this walk."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise Rejected("a string contains a NUL character")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Rejected("a string contains a lone UTF-16 surrogate") from None
 
 
 def _reject_constant(name: str) -> Any:

@@ -66,6 +66,37 @@ def _tid() -> int:
     return g.principal.tenant_id
 
 
+def _unstorable(value: Any) -> bool:
+    """NUL (PostgreSQL text refuses it) or a lone UTF-16 surrogate (not UTF-8) anywhere in a value."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return True
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+@bp.before_request
+def refuse_unstorable_text():
+    """A 400 naming the problem, instead of a database error deep inside a request."""
+    parts: list[Any] = [request.path, list(request.args.keys()), list(request.args.values())]
+    if request.is_json:
+        parts.append(request.get_json(silent=True))
+    if _unstorable(parts):
+        return jsonify(error="text must not contain NUL characters or unpaired surrogates"), 400
+    return None
+
+
 def body() -> dict[str, Any]:
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
