@@ -1169,6 +1169,43 @@ class Redis(Service):
             return False
 
 
+class Prometheus(Service):
+    """Prometheus (Debian's package) scraping ``/metrics`` of the given ``targets`` ({job: "host:port"}), like
+    deploy/prometheus.yml does in compose: ``.port``, ``.url``."""
+
+    name = "prometheus"
+    start_timeout = 30.0
+
+    def __init__(self, workdir: str | os.PathLike, targets: Mapping[str, str], port: int | None = None, *,
+                 scrape_interval: str = "5s", binary: str | None = None):
+        super().__init__(workdir, port)
+        self.targets = dict(targets)
+        self.scrape_interval = scrape_interval
+        self.binary = binary or shutil.which("prometheus") or "/usr/bin/prometheus"
+        self.config_path = self.workdir / "prometheus.yml"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("prometheus") is not None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _prepare(self) -> None:
+        jobs = "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
+                       for job, target in sorted(self.targets.items()))
+        self.config_path.write_text(f"global:\n  scrape_interval: {self.scrape_interval}\nscrape_configs:\n{jobs}")
+        (self.workdir / "data").mkdir(exist_ok=True)
+
+    def _command(self) -> Sequence[str]:
+        return [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=2d"]
+
+    def _ready(self) -> bool:
+        return _http_ok(f"{self.url}/-/ready")
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -1288,6 +1325,7 @@ class Platform:
         self.services: dict[str, PlatformService] = {}
         self.watcher = None
         self.engine = None
+        self.prometheus: Prometheus | None = None
 
     @property
     def mosquitto(self) -> "SecureMosquitto":
@@ -1332,15 +1370,22 @@ class Platform:
                 svc = PlatformService(self.base / name, name, env, port=port)
                 self.services[name] = svc
                 svc.start()
+            if Prometheus.available():  # as in compose: every service's /metrics, scraped every 5 s
+                self.prometheus = Prometheus(self.base / "prometheus",
+                                             {name: f"127.0.0.1:{svc.port}" for name, svc in self.services.items()})
+                self.prometheus.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def running(self) -> list[Service]:
-        return [*self.backing, *self.services.values()]
+        return [*self.backing, *self.services.values(), *([self.prometheus] if self.prometheus else [])]
 
     def stop(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.close()
+            self.prometheus = None
         for svc in reversed(list(self.services.values())):
             svc.close()
         if self.watcher is not None:
@@ -1408,6 +1453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("# accounts:   provisioned devices reach the broker within ~1 s (mqtt-auth watcher)")
             for name, svc in platform.services.items():
                 print(f"# {name + ':':11} {svc.health_url}  log {svc.log_path}")
+            if platform.prometheus is not None:
+                print(f"# prometheus: {platform.prometheus.url}/targets")
+            else:
+                print("# prometheus: not installed (apt-get install prometheus), metrics still on each /metrics")
         sys.stdout.flush()
         print(f"# nativestack up in {Path(args.dir).resolve()}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():

@@ -304,3 +304,41 @@ def test_cli_up(tmp_path, kafka_libs):
     for url in exports.values():
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         assert port_is_free(port)
+
+
+def test_prometheus_scrapes_a_service_metrics(tmp_path):
+    """`make up` runs Prometheus like compose does: it must really scrape our services' /metrics."""
+    import json
+    import threading
+    import time
+    import urllib.request
+
+    from cloud.service import OpsServer
+
+    class Idle:
+        name = "idle"
+
+        def run(self, stop: threading.Event) -> None:
+            stop.wait()
+
+        def health(self):
+            return True, {}
+
+    ops = OpsServer([Idle()]).start()
+    prom = nativestack.Prometheus(tmp_path / "prometheus", {"idle": f"127.0.0.1:{ops.port}"}, scrape_interval="1s")
+    try:
+        prom.start()
+        deadline = time.monotonic() + 30
+        health = None
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{prom.url}/api/v1/targets", timeout=5) as response:
+                targets = json.load(response)["data"]["activeTargets"]
+            health = [t["health"] for t in targets if t["labels"]["job"] == "idle"]
+            if health == ["up"]:
+                break
+            time.sleep(0.5)
+        assert health == ["up"], prom.log_tail()
+    finally:
+        prom.close()
+        ops.stop()
+    assert nativestack.port_is_free(prom.port)

@@ -4,8 +4,8 @@
 # they do not hold the default ports: the tests start their own instances (cloud/nativestack.py).
 set -euo pipefail
 
-packages=(mosquitto postgresql redis-server chromium chromium-driver)
-services=(mosquitto redis-server postgresql)
+packages=(mosquitto postgresql redis-server prometheus chromium chromium-driver)
+services=(mosquitto redis-server postgresql prometheus)
 
 missing=()
 for p in "${packages[@]}"; do
