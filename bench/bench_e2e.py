@@ -239,9 +239,10 @@ def _hash(pw: str) -> str:
 class Stack:
     """Mosquitto (with accounts), Kafka, PostgreSQL, Redis natively, and the services as processes."""
 
-    def __init__(self, workdir: Path, *, secure: bool = True):
+    def __init__(self, workdir: Path, *, secure: bool = True, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.secure = secure
+        self.extra_env = dict(env or {})
         self.mq = None
         self.kafka = None
         self.pg = None
@@ -278,6 +279,7 @@ class Stack:
             "IOT_DATABASE_URL": self.pg.url, "IOT_REDIS_URL": self.redis.url, "IOT_SECRET_KEY": "bench-secret",
             "IOT_LOG_LEVEL": "WARNING", "IOT_KAFKA_PARTITIONS": "6",
         })
+        self.env.update(self.extra_env)
         for args in (("kafka-init",), ("db", "upgrade")):
             r = subprocess.run([sys.executable, "-m", "cloud", *args], env=self.env, cwd=REPO, capture_output=True,
                                text=True, timeout=180)
@@ -396,20 +398,30 @@ class AlarmWatch:
 # --- database queries ----------------------------------------------------------------------------------------
 
 def window_stats(engine, boot: int, t0_ms: int, t1_ms: int) -> dict:
+    """Rows of ``boot`` published in [t0, t1): count, publish -> commit percentiles, and the split of that delay
+    into publish -> Kafka append (``received_at`` is the Kafka record time) and Kafka -> database commit."""
     from sqlalchemy import text
 
     q = text("""
         SELECT count(*) AS n,
                percentile_disc(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY lat) AS pct,
-               max(lat) AS worst
-        FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - ts) * 1000 AS lat
+               max(lat) AS worst,
+               percentile_disc(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY kafka) AS kafka,
+               percentile_disc(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY db) AS db
+        FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - ts) * 1000 AS lat,
+                     extract(epoch FROM received_at - ts) * 1000 AS kafka,
+                     extract(epoch FROM pg_xact_commit_timestamp(xmin) - received_at) * 1000 AS db
               FROM telemetry
               WHERE boot = :boot AND ts >= to_timestamp(:t0 / 1000.0) AND ts < to_timestamp(:t1 / 1000.0)) x""")
     with engine.connect() as conn:
         row = conn.execute(q, {"boot": boot, "t0": t0_ms, "t1": t1_ms}).one()
     pct = [float(x) for x in row.pct] if row.pct else [float("nan")] * 3
+    kafka = [round(float(x), 1) for x in row.kafka] if row.kafka else [None, None]
+    dbl = [round(float(x), 1) for x in row.db] if row.db else [None, None]
     return {"stored": row.n, "p50_ms": round(pct[0], 1), "p95_ms": round(pct[1], 1), "p99_ms": round(pct[2], 1),
-            "max_ms": round(float(row.worst), 1) if row.worst is not None else None}
+            "max_ms": round(float(row.worst), 1) if row.worst is not None else None,
+            "to_kafka_p50_ms": kafka[0], "to_kafka_p99_ms": kafka[1], "kafka_to_db_p50_ms": dbl[0],
+            "kafka_to_db_p99_ms": dbl[1]}
 
 
 def stored_count(engine, boot: int) -> int:
@@ -549,10 +561,11 @@ def run(args) -> dict:
     started = time.time()
     print(f"bench-e2e: {args.devices:,} synthetic devices + {args.firmware} firmware, {os.cpu_count()} CPUs, "
           f"work dir {workdir}", flush=True)
-    stack = Stack(workdir, secure=not args.anonymous)
+    stack = Stack(workdir, secure=not args.anonymous, env=dict(e.split("=", 1) for e in args.env))
     fleet = firmware = watch = None
     result: dict = {"bench": "e2e", "quick": args.quick, "cpu_count": os.cpu_count(), "devices": args.devices,
-                    "firmware_devices": args.firmware, "started": datetime.now(timezone.utc).isoformat()}
+                    "firmware_devices": args.firmware, "started": datetime.now(timezone.utc).isoformat(),
+                    "service_env": dict(e.split("=", 1) for e in args.env)}
     try:
         stack.start()
         result["mqtt_auth"] = "per-device accounts + ACLs" if stack.secure else "anonymous"
@@ -630,7 +643,9 @@ def run(args) -> dict:
                                  and w["p99_ms"] == w["p99_ms"] and w["p99_ms"] <= args.lag_bound)
             steps.append(step)
             print(f"  published {step['published_rate']:,}/s, stored {step['stored_rate']:,}/s, publish -> stored "
-                  f"p50/p95/p99 {w['p50_ms']}/{w['p95_ms']}/{w['p99_ms']} ms, alarm p99 {step['alarm_p99_ms']} ms, "
+                  f"p50/p95/p99 {w['p50_ms']}/{w['p95_ms']}/{w['p99_ms']} ms (-> Kafka p50/p99 {w['to_kafka_p50_ms']}/"
+                  f"{w['to_kafka_p99_ms']}, Kafka -> DB {w['kafka_to_db_p50_ms']}/{w['kafka_to_db_p99_ms']}), "
+                  f"alarm p99 {step['alarm_p99_ms']} ms, "
                   f"machine CPU {usage['machine']['cpu_pct']}% -> {'holds' if step['holds'] else 'DOES NOT HOLD'}",
                   flush=True)
             if not step["holds"]:
@@ -755,6 +770,8 @@ def main() -> int:
     parser.add_argument("--ceiling-devices", type=int, help="devices of the raw broker phase (default 2,000)")
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument("--anonymous", action="store_true", help="Mosquitto without accounts (no ACL cost)")
+    parser.add_argument("--env", action="append", default=[], metavar="IOT_X=V",
+                        help="extra environment for the services (tuning experiments), repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     args = parser.parse_args()

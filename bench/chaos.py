@@ -173,7 +173,9 @@ def run(args) -> dict:
     firmware = []
     faults: list[dict] = []
     result: dict = {"bench": "chaos", "cpu_count": os.cpu_count(), "devices": args.devices, "rate": args.rate,
-                    "started": datetime.now(timezone.utc).isoformat()}
+                    "started": datetime.now(timezone.utc).isoformat(),
+                    "bridge": f"python -m cloud.bridge {args.bridge_args}" if args.bridge_args
+                    else "python -m cloud bridge (shared subscription, as deployed)"}
     try:
         stack.start()
         ids = synthetic_ids(args.devices, "chaos")
@@ -314,7 +316,8 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     rd, al = result.get("readings", {}), result.get("alarms", {})
     lines = [f"### Chaos run, {result['started'][:19]} UTC ({result['devices']} synthetic devices at "
-             f"{result['rate']} msg/s, {result['cpu_count']} CPUs, {result['wall_s']} s)", "",
+             f"{result['rate']} msg/s, {result['cpu_count']} CPUs, {result['wall_s']} s; bridge: {result['bridge']})",
+             "",
              "| fault | survived | back (all services healthy) after | readings lost |", "|---|---|---|---|"]
     for f in result.get("faults", []):
         lines.append(f"| {f['fault']} | {'yes' if f['survived'] and f['all_healthy'] else 'NO'} | "

@@ -584,7 +584,12 @@ def run_synthetic(settings, *, devices: int, prefix: str, rate: float, duration:
         pw = unquote(parts.password) if parts.password else None
         fleet_devices = [(d, user, pw) for d in synthetic_ids(devices, prefix)]
     fleet = SyntheticFleet(host, port, fleet_devices, rate=rate, duration=duration, workers=workers)
-    stop = stop_event or threading.Event()
+    stop = stop_event
+    if stop is None:
+        from cloud.service import install_stop_signals
+
+        stop = threading.Event()
+        install_stop_signals(stop)
     try:
         fleet.connect()
         print(f"{fleet.connected()}/{len(fleet_devices)} synthetic devices connected to {host}:{port}; "
@@ -609,7 +614,6 @@ def run_synthetic(settings, *, devices: int, prefix: str, rate: float, duration:
 
 def main(argv: list[str] | None = None) -> int:
     from cloud import settings as settings_mod
-    from cloud.service import install_stop_signals
 
     parser = argparse.ArgumentParser(prog="python -m cloud.loadgen", description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=100)
@@ -621,11 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = settings_mod.load()
-    stop = threading.Event()
-    install_stop_signals(stop)
     return run_synthetic(settings, devices=args.devices, prefix=args.prefix, rate=args.rate,
-                         duration=args.duration, credentials_file=args.credentials, workers=args.workers,
-                         stop_event=stop)
+                         duration=args.duration, credentials_file=args.credentials, workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def test_websocket_without_login_is_refused(sweep):
     app, *_ = sweep
     server = _Server(app)
     try:
-        for query in ("", "?access_token=", "?access_token=not-a-token", f"?tenant=1"):
+        for query in ("", "?access_token=", "?access_token=not-a-token", "?tenant=1"):
             with pytest.raises((simple_websocket.ConnectionError, simple_websocket.ConnectionClosed)):
                 ws = _ws(server, query)
                 frames = _frames(ws, 0.5)
