@@ -55,8 +55,8 @@ class Commands:
         self.led = led
         self.uptime_s = uptime_s  # callable
         self.now_ms = now_ms  # callable -> unix ms or None when unsynced
-        self._cids = [None] * _RECENT
-        self._acks = [None] * _RECENT
+        self._cids = [None] * _RECENT  # type: list
+        self._acks = [None] * _RECENT  # type: list
         self._i = 0
         self.executed = 0
 

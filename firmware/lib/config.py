@@ -120,11 +120,15 @@ _SECRETS = ("wifi.password", "mqtt.password")
 
 
 def _get(d, key):
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            raise KeyError(key)
-        d = d[part]
-    return d
+    # the value always comes out of an index operation: a type checker would otherwise infer "dict | Unknown"
+    # (the un-indexed argument) for every setting
+    parts = key.split(".")
+    try:
+        for part in parts[:-1]:
+            d = d[part]
+        return d[parts[-1]]
+    except (KeyError, TypeError, IndexError):  # missing, or indexing a leaf (number, string, list)
+        raise KeyError(key)
 
 
 def _put(d, key, value):

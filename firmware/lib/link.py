@@ -59,11 +59,12 @@ class Client(MQTTClient):
             s = s.encode()
         return struct.pack("!H", len(s)) + s
 
-    def connect(self, clean_session=True):
+    def connect(self, clean_session=True, timeout=None):
+        # timeout: umqtt.simple >= 1.4's signature; overrides timeout_s for the connect only
         addr = socket.getaddrinfo(self.server, self.port)[0][-1]
         self.sock = socket.socket()
         self.raw = self.sock  # timeouts are set on the TCP socket (a TLS socket has no settimeout)
-        self.sock.settimeout(self.timeout)
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
         try:
             self.sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         except (OSError, TypeError):
@@ -73,7 +74,9 @@ class Client(MQTTClient):
             if hasattr(self.ssl, "wrap_socket"):  # an SSLContext that verifies the broker (tls_context())
                 self.sock = self.ssl.wrap_socket(self.sock, server_hostname=self.server)
             else:
-                self.sock = _ssl().wrap_socket(self.sock, server_hostname=self.server, **self.ssl_params)
+                # the port's ssl module has wrap_socket; the stubs only know it on ssl, not on tls
+                self.sock = _ssl().wrap_socket(  # pyright: ignore[reportAttributeAccessIssue]
+                    self.sock, server_hostname=self.server, **self.ssl_params)
         flags = clean_session << 1
         body = bytearray(b"\x00\x04MQTT\x04\x00\x00\x00")
         body[8] = self.keepalive >> 8
@@ -105,6 +108,7 @@ class Client(MQTTClient):
             msg = msg.encode()
         sz = 2 + len(topic) + len(msg) + (2 if qos else 0)
         hdr = bytes((0x30 | qos << 1 | retain,)) + self._varlen(sz) + self._s(topic)
+        pid = 0
         if qos:
             pid = self._pid()
             hdr += struct.pack("!H", pid)
@@ -157,6 +161,7 @@ class Client(MQTTClient):
             topic = body[2:2 + tl]
             i = 2 + tl
             qos = (op >> 1) & 3
+            pid = 0
             if qos:
                 pid = body[i] << 8 | body[i + 1]
                 i += 2
@@ -215,7 +220,7 @@ def tls_context(m):
     with open(m["ca"], "rb") as f:
         cadata = _der(f.read())
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_REQUIRED  # pyright: ignore[reportAttributeAccessIssue]  (stubs: no setter on tls)
     try:
         ctx.load_verify_locations(cadata=cadata)  # ssl.SSLContext
     except TypeError:
@@ -311,10 +316,11 @@ class Link:
 
     def publish(self, topic, payload, retain=False):
         """QoS1 publish; -> True once the broker acknowledged it, False (and link down) on failure."""
-        if not self.up:
+        c = self.client
+        if not self.up or c is None:
             return False
         try:
-            self.client.publish(topic, payload, retain=retain, qos=1)
+            c.publish(topic, payload, retain=retain, qos=1)
             return True
         except (OSError, MQTTException, IndexError) as e:
             self.drop("publish failed: %r" % (e,))
@@ -322,9 +328,9 @@ class Link:
 
     def poll(self):
         """Receive pending packets (commands are queued in self.inbox) and keep the session alive."""
-        if not self.up:
-            return
         c = self.client
+        if not self.up or c is None:
+            return
         try:
             for _ in range(8):
                 if c.check_msg() is None:
@@ -341,11 +347,11 @@ class Link:
 
     def goodbye(self, reason):
         """Clean shutdown before a reboot: retained offline status, then DISCONNECT."""
-        if self.up:
+        c = self.client
+        if self.up and c is not None:
             try:
-                self.client.publish(self.t_status, self.status_payload("offline", reason=reason), retain=True,
-                                    qos=1)
-                self.client.disconnect()
+                c.publish(self.t_status, self.status_payload("offline", reason=reason), retain=True, qos=1)
+                c.disconnect()
             except (OSError, MQTTException, IndexError):
                 pass
         self._close()
