@@ -52,3 +52,25 @@ def test_firmware_typechecks_against_esp32_stubs():
     assert out["summary"]["filesAnalyzed"] >= 7, out["summary"]  # main.py + lib/*.py
     assert not errors, "\n".join(errors)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_checker_really_uses_the_esp32_stubs(tmp_path):
+    """Guard against a silently vacuous check: with the same settings, ESP32-only API resolves and a misuse of
+    machine.Pin is reported (with CPython's typeshed `machine` would be a missing import instead)."""
+    ensure_tools()
+    (tmp_path / "probe.py").write_text(
+        "import machine, esp32, network\n"
+        "machine.WDT(timeout=1000).feed()\n"
+        "esp32.raw_temperature()\n"
+        "network.WLAN(network.STA_IF).active(True)\n"
+        "machine.Pin(2, machine.Pin.OUT).no_such_method()\n")
+    cfg = json.loads("\n".join(ln for ln in (FIRMWARE / "pyrightconfig.json").read_text().splitlines()
+                               if not ln.lstrip().startswith("//")))
+    cfg = {k: v for k, v in cfg.items() if k not in ("include", "exclude", "executionEnvironments")}
+    cfg["typeshedPath"] = cfg["stubPath"] = str(STUB_DIR)
+    cfg["extraPaths"] = []
+    (tmp_path / "pyrightconfig.json").write_text(json.dumps(cfg))
+    cp = subprocess.run([str(CHECKER), "-p", "pyrightconfig.json", "--outputjson"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+    diags = [d for d in json.loads(cp.stdout)["generalDiagnostics"] if d["severity"] == "error"]
+    assert len(diags) == 1 and "no_such_method" in diags[0]["message"], diags
