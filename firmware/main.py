@@ -137,7 +137,9 @@ class Device:
 
     def step(self):
         """One pass of the main loop."""
-        self.wdt.feed()
+        wdt = self.wdt
+        if wdt is not None:  # created in start(): creating a WDT starts its countdown
+            wdt.feed()
         now = time.ticks_ms()
         if self.net.poll():
             if not self.link.up:
