@@ -51,6 +51,22 @@ class TimedWriter(Writer):
         self.stored = 0
         self.first_batch: float | None = None  # the consumer group join is not part of the throughput
 
+    profile_path: str | None = None
+
+    def run(self, stop):
+        if not self.profile_path:
+            return super().run(stop)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return super().run(stop)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(self.profile_path)
+            log.info("writer profile written to %s", self.profile_path)
+
     def process(self, records, stop=None):
         if self.first_batch is None:
             self.first_batch = time.monotonic()
@@ -93,7 +109,7 @@ def provision_bulk(engine, tenants: int, devices_per_tenant: int) -> list[tuple[
 
 
 def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog: int, rate: int,
-                 seconds: float) -> dict:
+                 seconds: float, profile: str | None = None) -> dict:
     suffix = uuid.uuid4().hex[:6]
     env = {f"IOT_TOPIC_{n.upper()}": f"bench-{n}-{suffix}" for n in
            ("telemetry", "status", "acks", "alarms", "control", "command_status", "deadletter")}
@@ -129,6 +145,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     log.info("producing a backlog of %d readings", backlog)
     produce(backlog)
     writer = TimedWriter(settings, bus, engine, MemoryCache(), retention=False)
+    writer.profile_path = profile
     stop = threading.Event()
     thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
     started = time.monotonic()
@@ -215,6 +232,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=5000, help="steady produce rate for the latency figure")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer thread into FILE (pstats format)")
     args = parser.parse_args()
     if args.quick:
         args.tenants, args.rows_per_device, args.backlog, args.seconds, args.samples = 50, 100, 20_000, 3, 20
@@ -246,7 +264,8 @@ def main() -> int:
         devices = provision_bulk(engine, args.tenants, args.devices_per_tenant)
         log.info("provisioned %d tenants, %d devices", args.tenants, len(devices))
 
-        ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds)
+        ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds,
+                              profile=args.profile)
 
         # queries: reset the readings, then bulk-load the big table and its roll-ups
         with engine.begin() as conn:

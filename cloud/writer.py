@@ -43,9 +43,11 @@ Run it with ``python -m cloud writer`` (or ``python -m cloud.writer``, configure
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -84,6 +86,7 @@ DB_ERRORS = Counter("iot_writer_db_errors_total", "Failed database transactions"
 LAG_SECONDS = Histogram("iot_writer_lag_seconds", "Bus record timestamp -> database commit",
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
 UNMATCHED = Counter("iot_writer_unmatched_total", "Acks / command states for commands not in the database")
+_json_loads = json.loads
 PAUSED = Gauge("iot_writer_paused", "1 while the writer waits for the database to come back")
 
 
@@ -148,13 +151,24 @@ def _rollup_cte(table: str, unit: str) -> str:
             f"ON CONFLICT (device_id, bucket) DO UPDATE SET {updates}")
 
 
+# PostgreSQL: the batch is COPied (binary) into a per-connection temporary staging table, then one statement
+# inserts it into the partitioned table (ON CONFLICT DO NOTHING), increments both roll-ups from exactly the rows
+# that insert added (RETURNING, data-modifying CTEs) and returns the newest added row per device with the count.
+# The staging table empties itself at every commit (ON COMMIT DELETE ROWS) and a rolled-back batch takes its
+# rows with it, so it never carries anything from one transaction into the next.
+_STAGE = "writer_stage"
+_STAGE_COLUMNS = ("device_id", "boot", "seq", "tenant_id", "ts_ms", "rec_ms", "t", "h", "p", "rssi", "up", "est")
+_STAGE_TYPES = ("text", "int8", "int8", "int4", "int8", "int8", "float8", "float8", "float8", "int4", "int8",
+                "bool")
+_STAGE_DDL = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
+              + ", ".join(f"{c} {t}" for c, t in zip(_STAGE_COLUMNS, _STAGE_TYPES))
+              + ") ON COMMIT DELETE ROWS")
+_STAGE_COPY = f"COPY {_STAGE} ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _PG_INSERT = (
     "WITH ins AS ("
     "INSERT INTO telemetry (device_id, boot, seq, tenant_id, ts, received_at, t, h, p, rssi, up, ts_estimated) "
     "SELECT v.device_id, v.boot, v.seq, v.tenant_id, to_timestamp(v.ts_ms / 1000.0), to_timestamp(v.rec_ms / 1000.0), "
-    "v.t, v.h, v.p, v.rssi, v.up, v.est FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::int[], "
-    "%s::bigint[], %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::int[], %s::bigint[], %s::bool[]) "
-    "AS v(device_id, boot, seq, tenant_id, ts_ms, rec_ms, t, h, p, rssi, up, est) "
+    f"v.t, v.h, v.p, v.rssi, v.up, v.est FROM {_STAGE} AS v "
     "ON CONFLICT DO NOTHING "
     "RETURNING device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up), "
     f"m AS ({_rollup_cte('telemetry_1m', 'minute')}), "
@@ -262,10 +276,12 @@ class Writer:
         except BusError as exc:  # partitions moved to another member: it will redeliver, which is harmless
             log.warning("writer: offset commit failed (%s); the records will be redelivered", exc)
         now = time.time()
+        _observe_many(LAG_SECONDS, [max(0.0, now - r.timestamp_ms / 1000) for r in records if r.timestamp_ms])
+        per_topic: dict[str, int] = defaultdict(int)
         for record in records:
-            if record.timestamp_ms:
-                LAG_SECONDS.observe(max(0.0, now - record.timestamp_ms / 1000))
-            RECORDS.labels(record.topic).inc()
+            per_topic[record.topic] += 1
+        for topic, n in per_topic.items():
+            RECORDS.labels(topic).inc(n)
         BATCHES.inc()
         BATCH_SECONDS.observe(time.monotonic() - started)
         self._last_batch = now
@@ -282,7 +298,8 @@ class Writer:
             try:
                 if record.topic == t.telemetry:
                     device = record.key or ""
-                    msg: Any = schema.parse_telemetry(device, record.value, max_bytes)
+                    msg: Any = (_fast_telemetry(device, record.value, max_bytes)
+                                or schema.parse_telemetry(device, record.value, max_bytes))
                     items.append(Item(record, "telemetry", msg, device))
                 elif record.topic == t.status:
                     device = record.key or ""
@@ -406,11 +423,11 @@ class Writer:
     def _store(self, items: list[Item]) -> Outcome:
         outcome = Outcome()
         readings = [i for i in items if i.kind == "telemetry"]
-        rows: list[dict] = []
+        rows: list = []
         if readings:
             rows = self._telemetry_rows(readings, outcome)
             if self.postgres:
-                self._create_partitions({_utc_date(ms) for ms in {r["ts_ms"] // 86_400_000 * 86_400_000
+                self._create_partitions({_utc_date(ms) for ms in {r[4] // 86_400_000 * 86_400_000
                                                                   for r in rows}})
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             if readings:
@@ -471,34 +488,39 @@ class Writer:
             return ts, rec
         return None, rec
 
-    def _telemetry_rows(self, readings: list[Item], outcome: Outcome) -> list[dict]:
+    def _telemetry_rows(self, readings: list[Item], outcome: Outcome) -> list:
+        """One row per distinct reading of the batch: on PostgreSQL a tuple in the staging table's column order
+        (_STAGE_COLUMNS: times as epoch ms), on SQLite a dict of Telemetry columns."""
         timed = [(item, *self._event_ms(item)) for item in readings]
         unsynced = [(item, rec) for item, ts, rec in timed if ts is None]
         if unsynced:
             self._anchor_for(unsynced)
-        rows = []
+        anchors = self._anchors
+        postgres = self.postgres
+        rows: list = []
         seen: set[tuple[str, int, int]] = set()
         for item, ts, rec in timed:
             m: schema.Telemetry = item.message
-            key = (item.device_id, m.boot, m.seq)
+            device_id = item.device_id
+            key = (device_id, m.boot, m.seq)
             if key in seen:  # the same reading twice in one batch
                 outcome.duplicates += 1
                 continue
             seen.add(key)
             estimated = ts is None
             if estimated:
-                ts = self._anchors[(item.device_id, m.boot)] + (m.up or 0) * 1000
-            row = {"device_id": item.device_id, "boot": m.boot, "seq": m.seq, "tenant_id": item.tenant_id,
-                   "ts_ms": ts, "rec_ms": rec, "t": m.t, "h": m.h, "p": m.p, "rssi": m.rssi, "up": m.up,
-                   "ts_estimated": estimated}
-            if not self.postgres:
-                row["ts"] = datetime.fromtimestamp(ts / 1000, timezone.utc)
-                row["received_at"] = datetime.fromtimestamp(rec / 1000, timezone.utc)
-                del row["ts_ms"], row["rec_ms"]
-            rows.append(row)
+                ts = anchors[(device_id, m.boot)] + (m.up or 0) * 1000
+            if postgres:
+                rows.append((device_id, m.boot, m.seq, item.tenant_id, ts, rec, m.t, m.h, m.p, m.rssi, m.up,
+                             estimated))
+            else:
+                rows.append({"device_id": device_id, "boot": m.boot, "seq": m.seq, "tenant_id": item.tenant_id,
+                             "ts": datetime.fromtimestamp(ts / 1000, timezone.utc),
+                             "received_at": datetime.fromtimestamp(rec / 1000, timezone.utc),
+                             "t": m.t, "h": m.h, "p": m.p, "rssi": m.rssi, "up": m.up, "ts_estimated": estimated})
         return rows
 
-    def _store_telemetry(self, session: Session, readings: list[Item], rows: list[dict], outcome: Outcome) -> None:
+    def _store_telemetry(self, session: Session, readings: list[Item], rows: list, outcome: Outcome) -> None:
         if self.postgres:
             self._store_telemetry_pg(session, rows, outcome)
         else:
@@ -552,16 +574,20 @@ class Writer:
         if len(self._device_written) > 1_000_000:
             self._device_written.clear()
 
-    def _store_telemetry_pg(self, session: Session, rows: list[dict], outcome: Outcome) -> None:
-        """PostgreSQL: one statement per batch. The rows travel as arrays (unnest), the insert skips what is
-        already stored, the roll-ups are incremented from exactly the rows it added (data-modifying CTEs), and
-        only the newest added row per device comes back (for the cache), with the number added."""
+    def _store_telemetry_pg(self, session: Session, rows: list[tuple], outcome: Outcome) -> None:
+        """PostgreSQL: binary COPY of the batch into the staging table, then one statement (_PG_INSERT): the
+        insert skips what is already stored, the roll-ups are incremented from exactly the rows it added, and only
+        the newest added row per device comes back (for the cache), with the number added."""
         if not rows:
             return
-        columns = list(zip(*[(r["device_id"], r["boot"], r["seq"], r["tenant_id"], r["ts_ms"], r["rec_ms"],
-                              r["t"], r["h"], r["p"], r["rssi"], r["up"], r["ts_estimated"]) for r in rows]))
         cursor = session.connection().connection.driver_connection.cursor()
-        cursor.execute(_PG_INSERT, [list(c) for c in columns], binary=True)
+        cursor.execute(_STAGE_DDL)
+        with cursor.copy(_STAGE_COPY) as copy:
+            copy.set_types(_STAGE_TYPES)
+            write_row = copy.write_row
+            for row in rows:
+                write_row(row)
+        cursor.execute(_PG_INSERT, prepare=True)
         result = cursor.fetchall()
         outcome.inserted_count = result[0][-1] if result else 0
         outcome.inserted = [tuple(r[:-1]) for r in result]
@@ -746,6 +772,80 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - retried on the next round; inserts create what they need
             log.warning("writer: maintenance failed: %s", str(exc).splitlines()[0][:200])
             self._next_maintenance = now + 30
+
+
+def _observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, at the cost of one update per bucket instead of one per value
+    (falls back to observe() if prometheus_client's internals ever differ)."""
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts: dict[int, int] = defaultdict(int)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe() picks it
+    total.inc(sum(values))
+    for index, n in counts.items():
+        buckets[min(index, len(buckets) - 1)].inc(n)
+
+
+_T_LO, _T_HI = schema.LIMITS["t"]
+_H_LO, _H_HI = schema.LIMITS["h"]
+_P_LO, _P_HI = schema.LIMITS["p"]
+_RSSI_LO, _RSSI_HI = schema.RSSI_RANGE
+_NUMBER = (float, int)
+
+
+def _fast_telemetry(device_id: str, payload: bytes, max_bytes: int) -> schema.Telemetry | None:
+    """``schema.parse_telemetry`` for a plain, valid reading, without its per-field helper calls: the same checks,
+    inlined. Anything unusual (escapes, NaN, a wrong type or range, a missing field, ...) returns None and the
+    caller uses ``schema.parse_telemetry``, which then accepts or rejects with its own reason, so the contract
+    stays defined in one place."""
+    if len(payload) > max_bytes or b"\\" in payload or b"\x00" in payload:
+        return None
+    try:
+        data = _json_loads(payload.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    if type(data) is not dict or data.get("v") != schema.VERSION or data.get("id") != device_id:
+        return None
+    get = data.get
+    t, h, p, rssi = get("t"), get("h"), get("p"), get("rssi")
+    boot, seq, ts, up, fw, drop = get("boot"), get("seq"), get("ts"), get("up"), get("fw"), get("drop")
+    if t is not None:
+        if type(t) not in _NUMBER or not _T_LO <= t <= _T_HI:
+            return None
+        t = float(t)
+    if h is not None:
+        if type(h) not in _NUMBER or not _H_LO <= h <= _H_HI:
+            return None
+        h = float(h)
+    if p is not None:
+        if type(p) not in _NUMBER or not _P_LO <= p <= _P_HI:
+            return None
+        p = float(p)
+    if t is None and h is None and p is None:
+        return None
+    if rssi is not None and (type(rssi) is not int or not _RSSI_LO <= rssi <= _RSSI_HI):
+        return None
+    if type(boot) is not int or not 0 <= boot <= 2**31 - 1:
+        return None
+    if type(seq) is not int or not 0 <= seq <= 2**53:
+        return None
+    if ts is not None and (type(ts) is not int or not 946_684_800_000 <= ts <= 4_102_444_800_000):
+        return None
+    if up is not None and (type(up) is not int or not 0 <= up <= 2**63 - 1):
+        return None
+    if fw is not None and (type(fw) is not str or len(fw) > 32):
+        return None
+    if drop is not None and (type(drop) is not int or not 0 <= drop <= 2**63 - 1):
+        return None
+    return schema.Telemetry(device_id, boot, seq, ts, t, h, p, rssi, up, fw, drop or 0)
 
 
 def _call(cache, method: str, items: list) -> None:
