@@ -296,9 +296,10 @@ class Watcher:
 # --------------------------------------------------------------------------------------------------
 
 
-# At least once end to end: Mosquitto's default queue limit (1000) DROPS QoS 1 messages for a persistent session
-# whose client is away or behind -- a restarting bridge would lose readings. No count limit; bound by bytes instead.
-AT_LEAST_ONCE = ["max_queued_messages 0", "max_queued_bytes 268435456", "max_inflight_messages 0"]
+# At least once end to end: Mosquitto's default queue limit (1000 per client) DROPS QoS 1 messages for a persistent
+# session whose client is away or behind -- a restarting bridge would lose readings. A high finite limit, not 0
+# ("unlimited"): with 0, Mosquitto 2.0.11 drops a device's connection after an ACL-denied QoS 1 publish.
+AT_LEAST_ONCE = ["max_queued_messages 1000000", "max_queued_bytes 268435456"]
 
 
 def mosquitto_conf(auth_dir: str | os.PathLike, *, service_port: int, service_bind: str | None = None,
@@ -407,12 +408,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.action == "sync":
         sync(engine, args.dir, accounts, pid=args.pid, pid_file=args.pid_file)
         return 0
+    import threading
+
+    from cloud.service import install_stop_signals, serve
+
+    stop = threading.Event()
+    install_stop_signals(stop)  # before the first sync: a SIGTERM during start-up is a clean stop too
     watcher = Watcher(engine, args.dir, accounts, interval=args.interval, pid=args.pid, pid_file=args.pid_file)
     watcher.once()  # fail loudly at start-up if the database is unusable
-    from cloud.service import serve
-
     port = settings.metrics_port if args.metrics_port is None else args.metrics_port
-    return serve(watcher, host=getattr(settings, "metrics_host", "127.0.0.1"), ops_port=port)
+    return serve(watcher, host=settings.metrics_host, ops_port=port, stop=stop)
 
 
 if __name__ == "__main__":

@@ -440,9 +440,9 @@ class Mosquitto(Service):
             f"persistence_location {self.data_dir}/",
             "autosave_interval 30",
             # at least once: the default queue limit (1000) drops QoS 1 messages for an absent/slow bridge
-            "max_queued_messages 0",
+            # (finite: with 0, Mosquitto 2.0.11 drops a client after an ACL-denied QoS 1 publish)
+            "max_queued_messages 1000000",
             "max_queued_bytes 268435456",
-            "max_inflight_messages 0",
             "log_dest stderr",  # stderr is redirected to mosquitto.log
             "log_type error",
             "log_type warning",
@@ -540,20 +540,45 @@ class SecureMosquitto(Mosquitto):
 
     # ---- accounts ----
     def sync(self, engine) -> bool:
-        """Accounts from the database -> files -> SIGHUP (if running)."""
+        """Accounts from the database -> files -> SIGHUP (if running); returns once the broker has reloaded, so
+        a caller never races the reload (a client connecting meanwhile would see the old accounts)."""
         from cloud import mqtt_auth
 
-        return mqtt_auth.sync(engine, self.auth_dir, self.accounts, pid=self.pid if self.running else None)
+        before = self._reloads()
+        changed = mqtt_auth.sync(engine, self.auth_dir, self.accounts, pid=self.pid if self.running else None)
+        if changed and self.running:
+            self._await_reload(before)
+        return changed
 
     def set_devices(self, password_file_text: str) -> bool:
         from cloud import mqtt_auth
 
-        return mqtt_auth.sync(None, self.auth_dir, self.accounts, pid=self.pid if self.running else None,
-                              device_text=password_file_text)
+        before = self._reloads()
+        changed = mqtt_auth.sync(None, self.auth_dir, self.accounts, pid=self.pid if self.running else None,
+                                 device_text=password_file_text)
+        if changed and self.running:
+            self._await_reload(before)
+        return changed
 
     def reload(self) -> None:
         if self.running:
+            before = self._reloads()
             os.kill(self.proc.pid, signal.SIGHUP)
+            self._await_reload(before)
+
+    def _reloads(self) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count("Reloading config.")
+        except OSError:
+            return 0
+
+    def _await_reload(self, before: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._reloads() <= before:
+            if time.monotonic() > deadline:
+                raise ServiceStartError(f"mosquitto did not reload within {timeout}s\n{self.log_tail()}")
+            time.sleep(0.02)
+        time.sleep(0.05)  # the log line comes first; the new files are in force right after
 
     # ---- life cycle ----
     def _choose_ports(self) -> None:

@@ -81,10 +81,13 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def serve(service: Service, host: str = "127.0.0.1", ops_port: int = 0) -> int:
-    """Run one service in the foreground until SIGTERM/SIGINT; returns the process exit status."""
-    stop = threading.Event()
-    install_stop_signals(stop)
+def serve(service: Service, host: str = "127.0.0.1", ops_port: int = 0, stop: threading.Event | None = None) -> int:
+    """Run one service in the foreground until SIGTERM/SIGINT; returns the process exit status.
+
+    Pass ``stop`` when signals must be handled already during start-up work done before calling this."""
+    if stop is None:
+        stop = threading.Event()
+        install_stop_signals(stop)
     ops = OpsServer([service], host, ops_port).start()
     log.info("%s: health and metrics on http://%s:%d/healthz and /metrics", service.name, host, ops.port)
     try:
