@@ -67,10 +67,10 @@ class TimedWriter(Writer):
             profiler.dump_stats(self.profile_path)
             log.info("writer profile written to %s", self.profile_path)
 
-    def process(self, records, stop=None):
+    def process(self, records, stop=None, **kwargs):
         if self.first_batch is None:
             self.first_batch = time.monotonic()
-        ok = super().process(records, stop)
+        ok = super().process(records, stop, **kwargs)
         if ok:
             now = time.time()
             self.lags.extend(now - r.timestamp_ms / 1000 for r in records if r.timestamp_ms)
