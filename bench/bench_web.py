@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-devices", type=int, default=1000, help="devices of the measured tenant")
     ap.add_argument("--requests", type=int, default=None, help="measured requests per endpoint")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
-    ap.add_argument("--ws-clients", type=int, default=None)
+    ap.add_argument("--ws-clients", type=int, default=None, help="0 skips the WebSocket fan-out")
     ap.add_argument("--ws-events", type=int, default=None)
     ap.add_argument("--ws-procs", type=int, default=4, help="client processes for the WebSockets")
     ap.add_argument("--server", choices=("gunicorn", "werkzeug"), default="gunicorn")
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="gunicorn threads per worker")
     args = ap.parse_args(argv)
     n_requests = args.requests or (150 if args.quick else 1000)
-    ws_clients = args.ws_clients or (250 if args.quick else 1000)
+    ws_clients = args.ws_clients if args.ws_clients is not None else (250 if args.quick else 1000)
     ws_events = args.ws_events or (5 if args.quick else 20)
     history_devices = 20 if args.quick else 100
     threads = args.threads or max(64, ws_clients + 100)  # each open WebSocket holds a thread (any worker)
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         history["points"] = len(sample["points"])
         history["bucket_s"] = sample.get("bucket_s")
         fanout = ws_fanout(base, rd.url, data["big_id"], data["token"], ws_clients, ws_events,
-                           max(1, args.ws_procs), gap_s=0.5)
+                           max(1, args.ws_procs), gap_s=0.5) if ws_clients else None
     finally:
         if server is not None:
             server.stop()
@@ -418,16 +418,17 @@ def main(argv: list[str] | None = None) -> int:
 
     total_s = time.monotonic() - started
     load1 = os.getloadavg()[0]
-    rows = [
+    rows: list[tuple] = [
         ("fleet page GET /fleet (200 of 1,000 devices)", fleet["p50_ms"], fleet["p95_ms"], fleet["p99_ms"],
          f"{fleet['rps']} req/s, {fleet['errors']} errors", fleet["p95_ms"] < AIM_P95_MS),
         (f"history API range=24h ({history['points']} points)", history["p50_ms"], history["p95_ms"],
          history["p99_ms"], f"{history['rps']} req/s, {history['errors']} errors", history["p95_ms"] < AIM_P95_MS),
-        (f"WebSocket fan-out to {fanout['clients']} clients", fanout["p50_ms"], None, fanout["p99_ms"],
-         f"{fanout['deliveries']} deliveries, {fanout['missing']} missing; to all: median "
-         f"{fanout['to_all_median_ms']} ms, max {fanout['to_all_max_ms']} ms",
-         fanout["p99_ms"] < AIM_FANOUT_P99_MS and fanout["missing"] == 0),
     ]
+    if fanout:
+        rows.append((f"WebSocket fan-out to {fanout['clients']} clients", fanout["p50_ms"], None, fanout["p99_ms"],
+                     f"{fanout['deliveries']} deliveries, {fanout['missing']} missing; to all: median "
+                     f"{fanout['to_all_median_ms']} ms, max {fanout['to_all_max_ms']} ms",
+                     fanout["p99_ms"] < AIM_FANOUT_P99_MS and fanout["missing"] == 0))
     print()
     print(f"bench_web: {data['counts']['tenants']} tenants, {data['counts']['devices']} devices, "
           f"server {args.server} ({args.workers} workers x {threads} threads), {args.concurrency} concurrent "
