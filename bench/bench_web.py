@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", choices=("gunicorn", "werkzeug"), default="gunicorn")
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     ap.add_argument("--threads", type=int, default=None, help="gunicorn threads per worker")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (server and service logs)")
     args = ap.parse_args(argv)
     n_requests = args.requests or (150 if args.quick else 1000)
     ws_clients = args.ws_clients if args.ws_clients is not None else (250 if args.quick else 1000)
@@ -416,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 svc.close()
             except Exception as exc:  # noqa: BLE001
                 log(f"stopping {svc.name}: {exc}")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     total_s = time.monotonic() - started
     load1 = os.getloadavg()[0]  # the load generators and anything else on the machine count too
