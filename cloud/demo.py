@@ -14,33 +14,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
 
+from cloud.nativestack import free_port, port_is_free
 from cloud.settings import Settings
 
 log = logging.getLogger("cloud.demo")
 
 DEMO_TENANT = "demo"
 DEMO_ADMIN = "admin@demo.local"
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def provision_demo(engine, device_ids: list[str]) -> tuple[int, str]:
@@ -83,8 +67,8 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     host = "127.0.0.1"
-    if not _port_free(host, mqtt_port):
-        fallback = _free_port(host)
+    if not port_is_free(mqtt_port, host):
+        fallback = free_port(host)
         log.warning("port %d is taken (a Mosquitto running?); the embedded broker uses %d", mqtt_port, fallback)
         mqtt_port = fallback
     settings = replace(
@@ -96,7 +80,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
         kafka_bootstrap=None,
         redis_url=None,
     )
-    if not _port_free(settings.web_host, settings.web_port):
+    if not port_is_free(settings.web_port, settings.web_host):
         print(f"error: dashboard port {settings.web_port} is in use; pick another with IOT_WEB_PORT or --port")
         return 1
 

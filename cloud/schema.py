@@ -93,31 +93,35 @@ def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise Rejected("JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise Rejected(f"expected a JSON object, got {type(data).__name__}")
-    if "\\u" in text:
-        _check_storable(data)
+    if "\\u" in text:  # only an escape can carry NUL or a lone surrogate this far
+        problem = unstorable_text(data)
+        if problem:
+            raise Rejected(problem)
     if data.get("v") != VERSION:
         raise Rejected(f"unsupported schema version v={data.get('v')!r}, expected {VERSION}")
     return data
 
 
-def _check_storable(data: Any) -> None:
-    """Escapes can smuggle in what no store can hold: NUL (PostgreSQL text and JSONB refuse it) and lone UTF-16
-    surrogates (not encodable as UTF-8). Only payloads that contain a backslash-u escape need this walk."""
+def unstorable_text(data: Any) -> str | None:
+    """Why ``data`` holds text no store can keep, or None: NUL (PostgreSQL text and JSONB refuse it) and lone
+    UTF-16 surrogates (not encodable as UTF-8). JSON escapes smuggle both in; the API checks its input with this
+    too."""
     stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend(item)
         elif isinstance(item, str):
             if "\x00" in item:
-                raise Rejected("a string contains a NUL character")
+                return "a string contains a NUL character"
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise Rejected("a string contains a lone UTF-16 surrogate") from None
+                return "a string contains a lone UTF-16 surrogate"
+    return None
 
 
 def _reject_constant(name: str) -> Any:

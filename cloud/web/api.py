@@ -27,6 +27,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+MAX_OFFSET = 2**31 - 1  # the databases' integer range; deeper pages do not exist
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 DEVICE_SORTS = ("name", "-name", "id", "-id", "last_seen", "-last_seen", "status", "-status")
 _produce_lock = threading.Lock()
@@ -66,34 +67,15 @@ def _tid() -> int:
     return g.principal.tenant_id
 
 
-def _unstorable(value: Any) -> bool:
-    """NUL (PostgreSQL text refuses it) or a lone UTF-16 surrogate (not UTF-8) anywhere in a value."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            if "\x00" in item:
-                return True
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-    return False
-
-
 @bp.before_request
 def refuse_unstorable_text():
     """A 400 naming the problem, instead of a database error deep inside a request."""
     parts: list[Any] = [request.path, list(request.args.keys()), list(request.args.values())]
     if request.is_json:
         parts.append(request.get_json(silent=True))
-    if _unstorable(parts):
-        return jsonify(error="text must not contain NUL characters or unpaired surrogates"), 400
+    problem = schema.unstorable_text(parts)
+    if problem:
+        return jsonify(error=f"bad text in the request: {problem}"), 400
     return None
 
 
@@ -112,8 +94,8 @@ def page() -> tuple[int, int]:
         raise BadRequest("limit and offset must be integers") from None
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be 1..{MAX_LIMIT}")
-    if offset < 0:
-        raise BadRequest("offset must be >= 0")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest(f"offset must be 0..{MAX_OFFSET}")
     return limit, offset
 
 
