@@ -79,5 +79,8 @@ bench-writer: deps kafka venv
 bench-alarms: deps kafka venv
 	$(PY) bench/bench_alarms.py
 
+bench-web: deps venv web-assets
+	$(PY) bench/bench_web.py
+
 clean:
 	rm -rf build var test-artifacts .pytest_cache

@@ -25,6 +25,7 @@ SERVICES = {
     "kafka-init": "create the Kafka topics idempotently, then exit",
     "ca": "create a private CA and the MQTT broker's TLS certificate (default deploy/certs)",
     "mqtt-auth": "Mosquitto accounts + ACLs from the database: mqtt-auth sync|watch|conf",
+    "tenant": "customers: tenant create <name> --admin <email> [--retention-days N] | tenant list",
     "db": "database: db upgrade | db downgrade <rev> | db maintain (partitions ahead, retention)",
 }
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ca", parents=[ca_mod.build_parser()], add_help=False, help=SERVICES["ca"])
     sub.add_parser("mqtt-auth", parents=[auth_mod.build_parser()], add_help=False, help=SERVICES["mqtt-auth"])
+    from cloud import tenants as tenants_mod
+
+    sub.add_parser("tenant", parents=[tenants_mod.build_parser()], add_help=False, help=SERVICES["tenant"])
     db = sub.add_parser("db", help=SERVICES["db"])
     db.add_argument("action", choices=["upgrade", "downgrade", "maintain"])
     db.add_argument("revision", nargs="?", default=None)
@@ -67,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if args.command in ("ca", "mqtt-auth"):  # one-shot tools with their own argument parsers
+    if args.command in ("ca", "mqtt-auth", "tenant"):  # one-shot tools with their own argument parsers
         rest = (sys.argv[1:] if argv is None else list(argv))[1:]
+        if args.command == "tenant":
+            from cloud.tenants import main as tenant_main
+
+            return tenant_main(rest)
         if args.command == "ca":
             from cloud.ca import main as ca_main
 
