@@ -9,14 +9,16 @@ PostgreSQL (fsync off like the test fixtures; track_commit_timestamp on, see bel
 ``python -m cloud kafka-init``, ``db upgrade``, and the services ``bridge``, ``writer``, ``alarms`` as processes.
 
 The fleet: ``--devices`` synthetic devices (cloud.loadgen: one MQTT connection and one account per device, QoS 1),
-1 % of them running a temperature pattern that raises and clears a ``max 30`` alarm every 20 readings, plus
+1 % of them running a temperature pattern that raises and clears a ``max 30`` alarm every 8 readings, plus
 ``--firmware`` real firmware processes (MicroPython unix port, emulated BME280, 1 reading/s, own accounts).
 
 Phases
   1. raw broker ceiling: the same Mosquitto, synthetic devices publishing as fast as the broker acknowledges,
      one ``mosquitto_sub -q 1`` on the service listener: publish -> subscribe messages/s (before the bridge
      subscribes, so none of it enters the pipeline).
-  2. steps: the fleet publishes at a total rate; each step = warm-up + a sustained window. A step HOLDS when the
+  2. steps: every device connects and announces itself (a retained "online" status; the time until the writer
+     stored all of them is reported), then the fleet publishes at a total rate; each step = warm-up + a sustained
+     window. A step HOLDS when the
      readings published in its window are all in PostgreSQL a few seconds after it (>= 99 % of those the broker
      acknowledged, the rest must be the in-flight tail) and p99 publish -> stored stays below ``--lag-bound``.
      The rate goes up until a step does not hold; the result is the highest step that held.
@@ -424,6 +426,31 @@ def window_stats(engine, boot: int, t0_ms: int, t1_ms: int) -> dict:
             "kafka_to_db_p99_ms": dbl[1]}
 
 
+def freshness(engine, boot: int) -> dict:
+    """Rows of ``boot`` stored so far, and how old the newest stored reading is (publish time -> now)."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        n, newest = conn.execute(text("SELECT count(*), extract(epoch FROM now() - max(ts)) * 1000 FROM telemetry "
+                                      "WHERE boot = :b"), {"b": boot}).one()
+    return {"stored_total": n, "newest_age_ms": round(float(newest), 1) if newest is not None else None}
+
+
+def wait_online(engine, want: int, timeout: float) -> int:
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            n = conn.execute(text("SELECT count(*) FROM devices WHERE status = 'online' AND id LIKE 'syn-%'")
+                             ).scalar_one()
+        if n >= want:
+            break
+        time.sleep(0.5)
+    return n
+
+
 def stored_count(engine, boot: int) -> int:
     from sqlalchemy import text
 
@@ -593,6 +620,11 @@ def run(args) -> dict:
         t = time.time()
         fleet.connect()
         print(f"  {fleet.connected():,} synthetic devices connected in {time.time() - t:.0f} s", flush=True)
+        # every device announced itself with a retained "online" status; let the writer store that burst first
+        t = time.time()
+        online = wait_online(stack.engine, fleet.connected(), args.drain_timeout)
+        result["status_burst"] = {"devices_online": online, "seconds": round(time.time() - t, 1)}
+        print(f"  {online:,} 'online' statuses stored {time.time() - t:.0f} s after the connections", flush=True)
         if args.firmware:
             from cloud.sim import SimulatedDevice, device_config
 
@@ -631,6 +663,7 @@ def run(args) -> dict:
             usage = meter.stop()
             time.sleep(args.settle)
             w = window_stats(stack.engine, fleet.boot, t0_ms, t1_ms)
+            w.update(freshness(stack.engine, fleet.boot), acked_total=fleet.acked())
             seconds = (t1_ms - t0_ms) / 1000
             published = acked1 - acked0
             alarm_lat = sorted(watch.latencies(t0_ms, t1_ms))
@@ -645,7 +678,8 @@ def run(args) -> dict:
             print(f"  published {step['published_rate']:,}/s, stored {step['stored_rate']:,}/s, publish -> stored "
                   f"p50/p95/p99 {w['p50_ms']}/{w['p95_ms']}/{w['p99_ms']} ms (-> Kafka p50/p99 {w['to_kafka_p50_ms']}/"
                   f"{w['to_kafka_p99_ms']}, Kafka -> DB {w['kafka_to_db_p50_ms']}/{w['kafka_to_db_p99_ms']}), "
-                  f"alarm p99 {step['alarm_p99_ms']} ms, "
+                  f"alarm p99 {step['alarm_p99_ms']} ms, stored so far {w['stored_total']:,} of {w['acked_total']:,} "
+                  f"(newest {w['newest_age_ms']} ms old), "
                   f"machine CPU {usage['machine']['cpu_pct']}% -> {'holds' if step['holds'] else 'DOES NOT HOLD'}",
                   flush=True)
             if not step["holds"]:
@@ -720,6 +754,10 @@ def markdown(result: dict) -> str:
         ratio = f"{best['stored_rate'] / raw['rate']:.0%}" if best and raw.get("rate") else "-"
         lines.append(f"| raw Mosquitto publish -> subscribe, same run | {raw['rate']:,} msg/s "
                      f"({raw['devices']:,} devices); end-to-end = {ratio} of it |")
+    sb = result.get("status_burst") or {}
+    if sb:
+        lines.append(f"| {sb['devices_online']:,} devices connecting: their 'online' statuses stored after | "
+                     f"{sb['seconds']} s |")
     lines.append(f"| readings acknowledged by the broker / missing / duplicated | {rd.get('acknowledged', 0):,} / "
                  f"{rd.get('missing', '?')} / {rd.get('duplicates', '?')} |")
     lines.append(f"| alarm episodes expected / stored (cleared) | {al.get('expected_raised', '?')} / "
@@ -779,7 +817,7 @@ def main() -> int:
     args.devices = args.devices or (500 if q else 10_000)
     args.firmware = args.firmware if args.firmware is not None else (2 if q else 3)
     args.tenants = min(args.tenants or (5 if q else 100), args.devices)
-    default_steps = "500,1500" if q else "2000,3000,4000,5000,6500,8000,10000,13000,16000,20000,25000"
+    default_steps = "500,1500" if q else "500,1000,1500,2000,3000,4000,5000,6500,8000,10000,13000,16000,20000,25000"
     args.steps = [int(x) for x in (args.steps or default_steps).split(",")]
     args.warmup = args.warmup if args.warmup is not None else (4 if q else 15)
     args.window = args.window if args.window is not None else (10 if q else 60)

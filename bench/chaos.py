@@ -4,7 +4,7 @@
 
 The production profile natively (bench_e2e.Stack: Mosquitto with per-device accounts, Kafka, PostgreSQL, Redis;
 bridge, writer and alarm service as ``python -m cloud ...`` processes), a synthetic fleet (cloud.loadgen) at a
-steady rate with 1 % of the devices raising and clearing a threshold alarm every 20 readings, two real firmware
+steady rate with 1 % of the devices raising and clearing a threshold alarm every 8 readings, two real firmware
 processes, and a ping command to a firmware device every few seconds (recorded "queued" and produced to the
 control topic exactly as the web tier does).
 
