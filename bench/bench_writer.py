@@ -234,8 +234,12 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the writer thread into FILE (pstats format)")
     args = parser.parse_args()
-    if args.quick:
-        args.tenants, args.rows_per_device, args.backlog, args.seconds, args.samples = 50, 100, 20_000, 3, 20
+    if args.quick:  # explicitly given sizes win over the quick defaults
+        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        for name, value in (("tenants", 50), ("rows_per_device", 100), ("backlog", 20_000), ("seconds", 3),
+                            ("samples", 20)):
+            if "--" + name.replace("_", "-") not in given:
+                setattr(args, name, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cloud").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -47,7 +47,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -215,33 +214,13 @@ class Writer:
         self.producer = self.bus.producer("writer")
         log.info("writer: consuming %s as group %r", ", ".join([t.telemetry, t.status, t.acks, t.command_status,
                                                                  t.alarms]), self.group)
-        # Two stages overlap: while one batch is being stored and committed (mostly waiting on the database, which
-        # releases the GIL) on the "writer-store" thread, this thread already consumes and parses the next one.
-        # Batches are still stored strictly one after another, in order, and each batch's offsets are committed
-        # only after its own database commit; records parsed ahead but not stored are simply not committed (a
-        # crash or a stop means redelivery, as before).
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer-store")
-        inflight: Future | None = None
         try:
             while not stop.is_set():
-                if time.monotonic() >= self._next_maintenance:
-                    if inflight is not None:  # maintenance never runs alongside a batch
-                        inflight.result()
-                        inflight = None
-                    self._maybe_maintain(stop)
+                self._maybe_maintain(stop)
                 records = self._collect(stop)
-                parsed = self._parse(records) if records else None
-                if inflight is not None:
-                    stored = inflight.result()
-                    inflight = None
-                    if not stored:
-                        break
                 if records:
-                    inflight = executor.submit(self.process, records, stop, parsed=parsed)
-            if inflight is not None:
-                inflight.result()
+                    self.process(records, stop)
         finally:
-            executor.shutdown(wait=True)
             for closer in (self.consumer.close, self.producer.close):
                 try:
                     closer()
@@ -280,14 +259,12 @@ class Writer:
             records.extend(more)
         return records
 
-    def process(self, records: list[Record], stop: threading.Event | None = None, *,
-                parsed: tuple[list[Item], list[tuple[Record, str]]] | None = None) -> bool:
+    def process(self, records: list[Record], stop: threading.Event | None = None) -> bool:
         """Store one batch and then commit its offsets. Returns False if stopped before it was stored (the
-        offsets are then not committed and the records will be delivered again). ``parsed``: the batch's
-        ``_parse(records)`` if the caller already did it."""
+        offsets are then not committed and the records will be delivered again)."""
         stop = stop or threading.Event()
         started = time.monotonic()
-        items, rejected = parsed if parsed is not None else self._parse(records)
+        items, rejected = self._parse(records)
         outcome = self._store_with_retry(items, stop)
         if outcome is None:
             return False
