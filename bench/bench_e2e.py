@@ -265,15 +265,9 @@ class Stack:
         self.kafka = nativestack.Kafka(w / "kafka", libs=nativestack.kafka_libs_dir(fetch=True))
         self.pg = nativestack.Postgres(w / "postgres", settings={"track_commit_timestamp": "on"})
         self.redis = nativestack.Redis(w / "redis")
-        starters = [threading.Thread(target=s.start) for s in (self.kafka, self.pg, self.redis)]
-        for t in starters:
-            t.start()
-        self.mq.start()
-        for t in starters:
-            t.join()
-        for s in (self.kafka, self.pg, self.redis):
-            if not s.running:
-                raise RuntimeError(f"{s.name} did not start:\n{s.log_tail()}")
+        # from the main thread: only then do the children get PR_SET_PDEATHSIG (nothing outlives a killed bench)
+        for svc in (self.mq, self.pg, self.redis, self.kafka):
+            svc.start()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
         self.env.update({
             "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "IOT_PROFILE": "production",
@@ -793,7 +787,17 @@ def write_results(result: dict, text: str) -> None:
         (RESULTS / "e2e-latest.md").write_text(text)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM/SIGHUP end the run like Ctrl-C: the finally blocks stop every process it started."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
 def main() -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run under 2 minutes")
     parser.add_argument("--devices", type=int, help="synthetic devices (default 10,000; quick 500)")

@@ -42,8 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_e2e import (RESULTS, AlarmWatch, Stack, verify_alarms, verify_firmware, verify_readings,  # noqa: E402
-                       wait_drained)
+from bench_e2e import (RESULTS, AlarmWatch, Stack, stop_on_sigterm, verify_alarms, verify_firmware,  # noqa: E402
+                       verify_readings, wait_drained)
 
 from cloud import schema  # noqa: E402
 from cloud.loadgen import SyntheticFleet, synthetic_ids  # noqa: E402
@@ -340,6 +340,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--rate", type=float, default=300.0, help="total readings/s of the synthetic fleet")
