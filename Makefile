@@ -11,12 +11,12 @@ PORT ?= /dev/ttyUSB0
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv deps firmware-deps web-assets kafka services up flash console soak \
-        bench bench-bridge bench-writer bench-alarms bench-web clean help
+        bench chaos bench-bridge bench-writer bench-alarms bench-web clean help
 
 help:
 	@echo "make demo   - run the whole platform locally (embedded profile), dashboard on http://127.0.0.1:8000"
 	@echo "make test   - install what the tests need (root: apt packages, Kafka jars) and run the test suite"
-	@echo "other: flash console soak up bench-bridge bench-writer clean"
+	@echo "other: up flash console soak bench chaos bench-bridge bench-writer bench-alarms bench-web clean"
 
 # --- set-up --------------------------------------------------------------------------------------------------
 $(STAMP): pyproject.toml
@@ -69,6 +69,12 @@ console: venv
 # --- long runs and benchmarks (never part of `make test`) -----------------------------------------------------
 soak: venv firmware-deps
 	$(PY) firmware/tools/soak.py
+
+bench: deps kafka venv firmware-deps
+	$(PY) bench/bench_e2e.py $(BENCH_ARGS)
+
+chaos: deps kafka venv firmware-deps
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 bench-bridge: deps kafka venv
 	$(PY) bench/bench_bridge.py

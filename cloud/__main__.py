@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--prefix", default="sim", help="device ids are <prefix>-<n>")
     sim.add_argument("--interval", type=int, default=5, help="seconds between readings")
     sim.add_argument("--data-dir", default="var/sim", help="one flash folder per device")
+    sim.add_argument("--synthetic", action="store_true",
+                     help="raw MQTT clients (cloud.loadgen) instead of firmware processes: one connection per "
+                          "device, a total rate, loopback only")
+    sim.add_argument("--rate", type=float, default=1000.0, help="--synthetic: total readings per second")
+    sim.add_argument("--duration", type=float, default=60.0, help="--synthetic: seconds of publishing")
+    sim.add_argument("--credentials", help="--synthetic: file of device_id:password lines (default: the URL's)")
     sub.add_parser("kafka-init", help=SERVICES["kafka-init"])
     from cloud import ca as ca_mod
     from cloud import mqtt_auth as auth_mod
@@ -105,6 +111,11 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return run_demo(settings, devices=args.devices, web_port=args.port, mqtt_port=args.mqtt_port,
                         data_dir=args.data_dir, interval=args.interval)
     if command == "sim":
+        if args.synthetic:
+            from cloud.loadgen import run_synthetic
+
+            return run_synthetic(settings, devices=args.devices, prefix=args.prefix, rate=args.rate,
+                                 duration=args.duration, credentials_file=args.credentials)
         from cloud.sim import run_fleet
 
         return run_fleet(settings, devices=args.devices, prefix=args.prefix, interval=args.interval,
@@ -147,7 +158,7 @@ def build_service(command: str, settings: settings_mod.Settings):
     if command == "bridge":
         from cloud.bridge import Bridge
 
-        return Bridge(settings, bus)
+        return Bridge(settings, bus, shared=settings.bridge_shared)
     if command == "writer":
         from cloud.cache import cache_from_settings
         from cloud.db import make_engine

@@ -49,7 +49,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from cloud import schema
 from cloud.bus import Bus, BusError, Record
 from cloud.mqtt import MQTTv5, MQTTv311, Backoff, FastClient, connect, new_client
-from cloud.settings import Settings
+from cloud.settings import Settings, redacted
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ class Bridge:
                         except (OSError, ValueError) as exc:
                             delay = backoff.next()
                             log.warning("MQTT broker %s unreachable (%s); retrying in %.1fs",
-                                        self.settings.mqtt_url, exc, delay)
+                                        redacted(self.settings.mqtt_url), exc, delay)
                             next_connect = now + delay
                     if sock is None:
                         self._pump_bus(producer)

@@ -438,7 +438,7 @@ class Mosquitto(Service):
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence true",
             f"persistence_location {self.data_dir}/",
-            "autosave_interval 30",
+            "autosave_interval 5",  # a crash (kill -9 in fault tests) must not forget the sessions
             # at least once: the default queue limit (1000) drops QoS 1 messages for an absent/slow bridge
             # (finite: with 0, Mosquitto 2.0.11 drops a client after an ACL-denied QoS 1 publish)
             "max_queued_messages 1000000",
