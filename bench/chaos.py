@@ -175,7 +175,7 @@ def run(args) -> dict:
     result: dict = {"bench": "chaos", "cpu_count": os.cpu_count(), "devices": args.devices, "rate": args.rate,
                     "started": datetime.now(timezone.utc).isoformat(),
                     "bridge": f"python -m cloud.bridge {args.bridge_args}" if args.bridge_args
-                    else "python -m cloud bridge (shared subscription, as deployed)"}
+                    else "python -m cloud bridge (as deployed: IOT_BRIDGE_SHARED from the environment)"}
     try:
         stack.start()
         ids = synthetic_ids(args.devices, "chaos")
