@@ -10,7 +10,7 @@ WEB_ASSETS := cloud/web/static/vendor/.fetched
 PORT ?= /dev/ttyUSB0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv deps firmware-deps web-assets kafka services up flash console soak \
+.PHONY: demo test venv deps firmware-deps web-assets kafka up flash console soak \
         bench chaos bench-bridge bench-writer bench-alarms bench-web clean help
 
 help:
