@@ -244,19 +244,25 @@ class Writer:
 
     # --- batching -------------------------------------------------------------------------------------------
     def _collect(self, stop: threading.Event) -> list[Record]:
+        """One batch: up to writer_batch_size records, closed writer_batch_ms after its FIRST record.
+
+        librdkafka's consume() waits for the whole count or the whole timeout, so a single large poll held every
+        batch for the full poll timeout at low rates (~0.8 s from Kafka to the database). Short polls let a batch
+        close on time; empty slices only mean "nothing yet"."""
         size = self.settings.writer_batch_size
-        records = self.consumer.poll_batch(max_records=size, timeout=0.5)
-        if not records:
-            return []
+        slice_s = min(0.05, self.settings.writer_batch_ms / 1000)
+        idle_until = time.monotonic() + 0.5  # return now and then, so run() can see `stop` and do maintenance
+        records: list[Record] = []
+        while not records:
+            if stop.is_set() or time.monotonic() >= idle_until:
+                return []
+            records = self.consumer.poll_batch(max_records=size, timeout=slice_s)
         deadline = time.monotonic() + self.settings.writer_batch_ms / 1000
         while len(records) < size and not stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            more = self.consumer.poll_batch(max_records=size - len(records), timeout=remaining)
-            if not more:
-                break
-            records.extend(more)
+            records.extend(self.consumer.poll_batch(max_records=size - len(records), timeout=min(remaining, slice_s)))
         return records
 
     def process(self, records: list[Record], stop: threading.Event | None = None) -> bool:
