@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+import yaml
 
 from cloud import settings as settings_mod  # noqa: E402
 from cloud.__main__ import build_parser  # noqa: E402

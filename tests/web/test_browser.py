@@ -17,7 +17,6 @@ from playwright.sync_api import expect
 CHROMIUM = os.environ.get("IOT_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 
 
 @pytest.fixture(scope="module")
