@@ -51,3 +51,34 @@ def postgres(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def redis(request, tmp_path_factory):
     return _serve(request, nativestack.Redis(tmp_path_factory.mktemp("redis")))
+
+
+@pytest.fixture(scope="session")
+def make_backend(tmp_path_factory):
+    """A factory for a migrated database of a test's own and the matching latest-values cache:
+    ``make_backend(request, "sqlite" | "postgres", prefix) -> (url, engine, cache)``. SQLite comes with the
+    in-memory cache; "postgres" is a new database on the shared PostgreSQL, with the shared Redis."""
+    import uuid
+
+    def make(request, kind: str, prefix: str):
+        from cloud import db
+        from cloud.cache import MemoryCache, RedisCache
+        from cloud.db import maintenance
+
+        if kind == "sqlite":
+            url, cache = f"sqlite:///{tmp_path_factory.mktemp(prefix + 'db')}/web.db", MemoryCache()
+        else:
+            import psycopg
+
+            pg = request.getfixturevalue("postgres")
+            rd = request.getfixturevalue("redis")
+            name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(pg.admin_dsn, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}" OWNER iot')
+            url, cache = pg.url.rsplit("/", 1)[0] + "/" + name, RedisCache(rd.url)
+        db.upgrade(url)
+        engine = db.make_engine(url)
+        maintenance.ensure_partitions(engine)
+        return url, engine, cache
+
+    return make

@@ -25,7 +25,6 @@ from werkzeug.serving import make_server
 from cloud import db, schema
 from cloud import settings as settings_mod
 from cloud.bus.memory import MemoryBus
-from cloud.cache import MemoryCache, RedisCache
 from cloud.db import repo
 from cloud.db.models import Telemetry
 
@@ -76,26 +75,10 @@ class Tenant:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def sweep(request, tmp_path_factory):
+def sweep(request, make_backend):
     from cloud.web import create_app
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('sweepdb')}/web.db"
-        cache = MemoryCache()
-    else:
-        pg = request.getfixturevalue("postgres")
-        rd = request.getfixturevalue("redis")
-        import psycopg
-
-        name = f"sweep_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg.admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}" OWNER iot')
-        url, cache = pg.url.rsplit("/", 1)[0] + "/" + name, RedisCache(rd.url)
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    from cloud.db import maintenance
-
-    maintenance.ensure_partitions(engine)
+    url, engine, cache = make_backend(request, request.param, "sweep")
     settings = settings_mod.load({}, database_url=url, secret_key="sweep-" + uuid.uuid4().hex)
     app = create_app(settings, engine=engine, bus=MemoryBus(partitions=2), cache=cache)
     app.config["TESTING"] = True
