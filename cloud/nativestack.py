@@ -215,14 +215,14 @@ class Service:
     def _prepare(self) -> None:
         """One-time setup (config, storage format, initdb)."""
 
-    def _command(self) -> Sequence[str]:
-        raise NotImplementedError
+    def _command(self) -> Sequence[str]:  # every concrete service (Mosquitto, Kafka, ...) defines its command
+        raise NotImplementedError(f"{type(self).__name__} must define _command()")
 
     def _popen_kwargs(self) -> dict:
         return {}
 
-    def _ready(self) -> bool:
-        raise NotImplementedError
+    def _ready(self) -> bool:  # and how to tell that it is ready
+        raise NotImplementedError(f"{type(self).__name__} must define _ready()")
 
     def _after_first_ready(self) -> None:
         pass

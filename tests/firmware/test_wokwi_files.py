@@ -56,7 +56,6 @@ def test_toml_and_scenario_refer_to_existing_things():
     assert "free heap after start-up" in main and '"reading %d t=%s' in main
 
 
-@pytest.mark.skipif(not shutil.which("gcc"), reason="no gcc")
 def test_chip_registers_natively(tmp_path):
     exe = tmp_path / "harness"
     subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

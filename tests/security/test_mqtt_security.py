@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloud import ca, db, mqtt_auth
 from cloud.db import repo
 from cloud.nativestack import SecureMosquitto, mqtt_connack
-from cloud.sim import MPY_LIB, SimulatedDevice, device_config, micropython_binary
+from cloud.sim import SimulatedDevice, device_config
 
 V5 = paho.MQTTv5
 V311 = paho.MQTTv311
@@ -343,15 +343,7 @@ def test_tls_listener_still_requires_credentials(broker, clients):
 
 # --- the real firmware ---------------------------------------------------------------------------------------
 
-def _firmware_available() -> bool:
-    try:
-        micropython_binary()
-    except RuntimeError:
-        return False
-    return (MPY_LIB / "umqtt" / "simple.py").exists()
-
-
-firmware = pytest.mark.skipif(not _firmware_available(), reason="MicroPython unix port or umqtt.simple missing")
+# make test installs the unix port and umqtt.simple: if either is missing these tests fail (SimulatedDevice says why)
 
 
 def _tls_device(tmp_path: Path, device_id: str, password: str, port: int, ca_file: Path | None, ca_name="ca.der"):
@@ -364,7 +356,6 @@ def _tls_device(tmp_path: Path, device_id: str, password: str, port: int, ca_fil
     return SimulatedDevice(device_id, flash, cfg)
 
 
-@firmware
 @pytest.mark.parametrize("ca_name", ["ca.der", "ca.crt"])
 def test_firmware_over_tls_with_our_ca(broker, pair, clients, tmp_path, ca_name):
     a, _ = pair
@@ -385,7 +376,6 @@ def test_firmware_over_tls_with_our_ca(broker, pair, clients, tmp_path, ca_name)
         device.stop()
 
 
-@firmware
 def test_firmware_refuses_a_broker_signed_by_another_ca(broker, pair, clients, tmp_path, other_ca):
     a, _ = pair
     bridge = _bridge(broker, clients)
@@ -402,7 +392,6 @@ def test_firmware_refuses_a_broker_signed_by_another_ca(broker, pair, clients, t
         device.stop()
 
 
-@firmware
 def test_firmware_with_another_devices_password_cannot_connect(broker, pair, tmp_path):
     a, b = pair
     cfg = device_config(a, broker.device_url, interval=1, username=a, password=pair[b])

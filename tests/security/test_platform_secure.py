@@ -14,7 +14,7 @@ from cloud.db import repo
 from cloud.nativestack import Platform
 from cloud.sim import SimulatedDevice, device_config
 
-from .test_mqtt_security import firmware, wait_for
+from .test_mqtt_security import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,6 @@ def platform(tmp_path_factory, kafka_libs):
     p.stop()
 
 
-@firmware
 def test_provisioned_device_over_tls_end_to_end_then_revoked(platform, tmp_path):
     engine = platform.engine
     device_id = f"tls-{uuid.uuid4().hex[:6]}"
