@@ -106,30 +106,26 @@ def _error(status: int, message: str):
 
 
 def _token_principal(token: str) -> Principal | None:
+    from cloud.web.data import token_principal
     with ctx().session_factory() as s:
-        tok = _lookup_token(s, token)
-        if tok is None:
-            return None
-        return Principal(tenant_id=tok.tenant_id, email=f"token:{tok.name}", role=tok.role, kind="token")
-
-
-def _lookup_token(s, token: str):
-    from cloud.web.data import authenticate_token
-    return authenticate_token(s, token)
+        tok = token_principal(s, token)
+    if tok is None:
+        return None
+    return Principal(tenant_id=tok.tenant_id, email=f"token:{tok.name}", role=tok.role, kind="token")
 
 
 def _session_principal() -> Principal | None:
     uid = session.get("uid")
     if uid is None:
         return None
-    from cloud.db.models import User
+    from cloud.web.data import session_user
     with ctx().session_factory() as s:
-        user = s.get(User, uid)
-        if user is None or user.tenant_id != session.get("tid"):
-            session.clear()
-            return None
-        return Principal(tenant_id=user.tenant_id, email=user.email, role=user.role, kind="session",
-                         user_id=user.id)
+        user = session_user(s, uid)
+    if user is None or user.tenant_id != session.get("tid"):
+        session.clear()
+        return None
+    return Principal(tenant_id=user.tenant_id, email=user.email, role=user.role, kind="session",
+                     user_id=user.id)
 
 
 def load_principal() -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ARRAY, String, func, literal, or_, select, true
+
+from cloud.passwords import token_digest
 
 from cloud.db import repo
 from cloud.db.models import Alarm, ApiToken, Device, Telemetry, User
@@ -66,7 +68,7 @@ def revoke_device(s, tenant_id: int, device_id: str) -> Device:
 
 
 def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -> Any:
-    get_device(s, tenant_id, device_id)
+    device_exists(s, tenant_id, device_id)
     return repo.history(s, tenant_id, device_id, start, end)
 
 
@@ -194,3 +196,98 @@ def latest_from_db(s, tenant_id: int, device_ids: list[str]) -> dict[str, Teleme
 
 def recent_readings(s, tenant_id: int, device_id: str, limit: int = 20) -> list[Telemetry]:
     return repo.latest_readings(s, tenant_id, device_id, limit)
+
+
+# --- hot read paths (Core selects of plain columns: no ORM objects, one round trip each) -------------------
+
+DEVICE_COLUMNS = (Device.id, Device.name, Device.status, Device.last_seen, Device.firmware, Device.boot,
+                  Device.mqtt_username, Device.created_at, Device.revoked_at)
+FLEET_SORTS = {"id": Device.id, "name": Device.name, "status": Device.status, "last_seen": Device.last_seen,
+               "created_at": Device.created_at, "firmware": Device.firmware}
+
+
+def _like(search: str) -> str:
+    return "%" + search.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def device_page(s, tenant_id: int, search: str | None, sort: str, limit: int, offset: int
+                ) -> tuple[list[Any], int]:
+    """One page of the tenant's devices with each one's active alarm count and the total, in ONE query:
+    plain column rows (attribute access like a Device: ``row.id``, ``row.name``, ... plus ``row.alarms``).
+
+    Same filter and order as ``repo.list_devices`` (search in id or name, case-insensitive; ``sort`` one of
+    FLEET_SORTS, '-' for descending, ties by id). The total comes from ``count(*) OVER ()`` (computed before
+    LIMIT); only a page past the end needs a second query for it."""
+    alarms = (select(Alarm.device_id.label("device_id"), func.count().label("n"))
+              .where(Alarm.tenant_id == tenant_id, Alarm.state != "cleared")
+              .group_by(Alarm.device_id).subquery())
+    where = [Device.tenant_id == tenant_id]
+    if search:
+        pattern = _like(search)
+        where.append(or_(func.lower(Device.id).like(pattern, escape="\\"),
+                         func.lower(Device.name).like(pattern, escape="\\")))
+    descending = (sort or "").startswith("-")
+    column = FLEET_SORTS.get((sort or "id").lstrip("-"))
+    if column is None:
+        raise ValueError(f"sort must be one of {', '.join(FLEET_SORTS)} (prefix '-' for descending)")
+    order = column.desc().nulls_last() if descending else column.asc()
+    query = (select(*DEVICE_COLUMNS, func.coalesce(alarms.c.n, 0).label("alarms"),
+                    func.count().over().label("total"))
+             .outerjoin(alarms, alarms.c.device_id == Device.id)
+             .where(*where).order_by(order, Device.id)
+             .limit(max(0, min(int(limit), 1000))).offset(max(0, int(offset))))
+    rows = s.execute(query).all()
+    if rows:
+        return rows, int(rows[0].total)
+    total = s.scalar(select(func.count()).select_from(Device).where(*where)) or 0
+    return rows, int(total)
+
+
+def device_exists(s, tenant_id: int, device_id: str) -> None:
+    """NotFound unless the tenant owns the device (a primary-key probe, no ORM object)."""
+    found = s.execute(select(Device.id).where(Device.id == device_id, Device.tenant_id == tenant_id)).first()
+    if found is None:
+        raise NotFound(f"device {device_id!r} not found")
+
+
+READING_KEYS = ("t", "h", "p", "rssi", "ts", "seq", "boot")
+
+
+def latest_readings_batch(s, tenant_id: int, device_ids: list[str]) -> dict[str, dict]:
+    """The newest reading of each of ``device_ids`` as ``{t, h, p, rssi, ts, seq, boot}`` dicts, for the devices
+    the cache does not know. PostgreSQL: one query (a LATERAL index probe per device); SQLite (demo): one small
+    query per device."""
+    if not device_ids:
+        return {}
+    cols = (Telemetry.t, Telemetry.h, Telemetry.p, Telemetry.rssi, Telemetry.ts, Telemetry.seq, Telemetry.boot)
+    out: dict[str, dict] = {}
+    if s.get_bind().dialect.name == "postgresql":
+        ids = func.unnest(literal(list(device_ids), ARRAY(String))).table_valued("id").render_derived(name="ids")
+        newest = (select(*cols).where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == ids.c.id)
+                  .order_by(Telemetry.ts.desc(), Telemetry.seq.desc()).limit(1).lateral("newest"))
+        rows = s.execute(select(ids.c.id, *newest.c).select_from(ids).join(newest, true()))
+        for device_id, *values in rows:  # unpacked: Row.t is SQLAlchemy's deprecated typed-tuple accessor
+            out[device_id] = dict(zip(READING_KEYS, values))
+        return out
+    for device_id in device_ids:
+        row = s.execute(select(*cols).where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id)
+                        .order_by(Telemetry.ts.desc(), Telemetry.seq.desc()).limit(1)).first()
+        if row is not None:
+            out[device_id] = dict(zip(READING_KEYS, row))
+    return out
+
+
+# --- authentication (every request): plain columns by primary key / unique digest ------------------------
+
+def session_user(s, user_id: int) -> Any:
+    """(id, tenant_id, email, role) of a user, or None."""
+    return s.execute(select(User.id, User.tenant_id, User.email, User.role).where(User.id == user_id)).first()
+
+
+def token_principal(s, token: str) -> Any:
+    """(tenant_id, name, role) of a live API token, found by its sha256 digest (an index probe; tokens are long
+    random strings, so a fast digest is enough: no per-request KDF), or None."""
+    if not token:
+        return None
+    return s.execute(select(ApiToken.tenant_id, ApiToken.name, ApiToken.role)
+                     .where(ApiToken.token_hash == token_digest(token), ApiToken.revoked_at.is_(None))).first()
