@@ -282,7 +282,7 @@ def phase_bridge(mq, kafka, settings_env, topics: Topics, args, workdir: Path, d
         t0, _, _ = go()
     deadline = time.monotonic() + 300
     while bridge.acked() < total and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.05)  # each poll is an HTTP request the bridge serves: not too often
     t_acked = time.time()
     cpu = bridge.cpu_seconds() - cpu0
     metrics = bridge.metrics()

@@ -32,6 +32,7 @@ was not acknowledged (duplicates are harmless: (id, boot, seq) identifies a read
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import itertools
 import logging
@@ -41,6 +42,7 @@ import socket
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Any, Callable
 
 from paho.mqtt.enums import MQTTErrorCode
@@ -136,9 +138,19 @@ class Bridge:
         topics = settings.topics
         self._dest = {"telemetry": topics.telemetry, "status": topics.status, "acks": topics.acks}
         self._parsers: dict[str, Callable[..., Any]] = {
-            "telemetry": schema.parse_telemetry, "status": schema.parse_status, "acks": schema.parse_ack}
+            "telemetry": schema.check_telemetry, "status": schema.parse_status, "acks": schema.parse_ack}
         self._received = {k: RECEIVED.labels(k) for k in (*KINDS, "other")}
         self._forwarded = {k: FORWARDED.labels(k) for k in (*KINDS, "deadletter")}
+        # per-message metric updates are counted in plain ints and added to Prometheus every 0.5 s
+        self._n_received = dict.fromkeys(self._received, 0)
+        self._n_forwarded = dict.fromkeys(self._forwarded, 0)
+        self._n_acked = 0
+        self._lat_bounds = list(LATENCY._upper_bounds)  # noqa: SLF001 (prometheus_client 0.x, pinned)
+        self._lat_counts = [0] * len(self._lat_bounds)
+        self._lat_sum = 0.0
+        self._poll_now = time.time()
+        # MQTT topic -> (device, kind, destination, mqtt_topic header, validator, topic text, rejection reason)
+        self._routes: dict[bytes, tuple] = {}
 
         # ingest state (owned by the ingest thread)
         self._client: FastClient | None = None
@@ -203,8 +215,8 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.fast_on_message = self._on_message  # lean PUBLISH path (see cloud.mqtt.FastClient)
+        client.on_message = self._on_message  # paho's path (QoS 2, which a QoS 1 subscription never gets)
+        client.fast_on_batch = self._on_batch  # lean PUBLISH path (see cloud.mqtt.FastClient)
         # we run the network loop ourselves: queue writes (PUBACKs) and send them in one go per loop turn
         client.on_socket_register_write = lambda *_: None
         client.on_socket_unregister_write = lambda *_: None
@@ -239,87 +251,154 @@ class Bridge:
         MQTT_CONNECTED.set(0)
 
     def _on_message(self, client, userdata, msg) -> None:
-        now = time.time()
+        self._on_batch(client, userdata, [(msg.mid, msg.qos, msg._topic, msg.payload)])
+
+    def _route(self, topic_bytes: bytes) -> tuple:
+        """What to do with messages on one MQTT topic (cached: a device publishes on the same few topics)."""
         try:
-            topic = msg.topic
+            topic = topic_bytes.decode("utf-8")
         except UnicodeDecodeError:  # brokers reject such topics; never crash on input anyway
-            topic = msg._topic.decode("utf-8", "replace")
-        payload = msg.payload
-        device = None
-        kind = "other"
+            topic = topic_bytes.decode("utf-8", "replace")
+        device, kind, dest, validator, reason = None, "other", None, None, None
         try:
             device, kind = schema.split_topic(topic)
-            parser = self._parsers.get(kind)
-            if parser is None:
-                raise schema.Rejected(f"unexpected topic {topic!r}")
-            parser(device, payload, self.settings.max_payload_bytes)
-            entry = [msg.mid, msg.qos, self._gen, False, now, self._dest[kind], device, payload,
-                     {"mqtt_topic": topic, "received_ms": str(int(now * 1000))}, kind, 0]
+            validator = self._parsers.get(kind)
+            if validator is None:
+                reason = f"unexpected topic {topic!r}"
+            else:
+                dest = self._dest[kind]
         except schema.Rejected as exc:
-            entry = self._dead_entry(msg, now, topic, device, payload, exc.reason)
-        except Exception as exc:  # never crash on input
-            log.exception("unexpected error handling a message on %r", topic)
-            entry = self._dead_entry(msg, now, topic, device, payload, f"internal error: {exc}")
-        self._received.get(kind, self._received["other"]).inc()
-        self._counts["received"] += 1
-        self._inflight.append(entry)
-        self._produce(entry)
+            reason = exc.reason
+        if len(self._routes) > 100_000:
+            self._routes.clear()
+        route = self._routes[topic_bytes] = (device, kind, dest, ("mqtt_topic", topic_bytes), validator, topic,
+                                             reason)
+        return route
 
-    def _dead_entry(self, msg, now: float, topic: str, device: str | None, payload: bytes, reason: str) -> list:
+    def _on_batch(self, client, userdata, batch: list[tuple[int, int, bytes, bytes]]) -> None:
+        """The PUBLISHes of one socket read, in arrival order: validate, queue for the bus, send."""
+        now = self._poll_now = time.time()
+        received = ("received_ms", b"%d" % int(now * 1000))
+        gen = self._gen
+        routes = self._routes
+        append = self._inflight.append
+        send = self._send
+        max_bytes = self.settings.max_payload_bytes
+        n_received = self._n_received
+        for mid, qos, topic_bytes, payload in batch:
+            route = routes.get(topic_bytes) or self._route(topic_bytes)
+            device, kind, dest, topic_header, validator, topic, reason = route
+            try:
+                if reason is not None:
+                    raise schema.Rejected(reason)
+                validator(device, payload, max_bytes)
+                entry = [mid, qos, gen, False, now, dest, device, payload, [topic_header, received], kind, 0]
+            except schema.Rejected as exc:
+                entry = self._dead_entry(mid, qos, now, topic_bytes, topic, device, payload, exc.reason)
+            except Exception as exc:  # never crash on input
+                log.exception("unexpected error handling a message on %r", topic)
+                entry = self._dead_entry(mid, qos, now, topic_bytes, topic, device, payload,
+                                         f"internal error: {exc}")
+            n_received[kind] += 1
+            append(entry)
+            send(entry)
+        self._counts["received"] += len(batch)
+
+    def _dead_entry(self, mid: int, qos: int, now: float, topic_bytes: bytes, topic: str, device: str | None,
+                    payload: bytes, reason: str) -> list:
         label = reason_class(reason)
         DEADLETTERED.labels(label).inc()
         self._counts["deadlettered"] += 1
-        value = schema.dead_letter(topic, payload, reason, key=device, at_ms=int(now * 1000))
-        return [msg.mid, msg.qos, self._gen, False, now, self.settings.topics.deadletter, device, value,
-                {"mqtt_topic": topic, "received_ms": str(int(now * 1000)), "reason": label}, "deadletter", 0]
+        at_ms = int(now * 1000)
+        value = schema.dead_letter(topic, payload, reason, key=device, at_ms=at_ms)
+        headers = [("mqtt_topic", topic_bytes), ("received_ms", b"%d" % at_ms), ("reason", label.encode())]
+        return [mid, qos, self._gen, False, now, self.settings.topics.deadletter, device, value, headers,
+                "deadletter", 0]
 
-    def _produce(self, entry: list) -> None:
+    def _send(self, entry: list) -> None:
         try:
-            self._producer.produce(entry[_TOPIC], entry[_KEY], entry[_VALUE], entry[_HEADERS],
-                                   on_delivery=lambda err, rec, e=entry: self._delivered(e, err))
+            self._producer.send(entry[_TOPIC], entry[_KEY], entry[_VALUE], entry[_HEADERS],
+                                partial(self._delivered, entry))
         except Exception as exc:  # e.g. a closed or broken producer: treat like a failed delivery
             self._delivered(entry, exc)
 
-    def _delivered(self, entry: list, err: Exception | None) -> None:
-        if err is not None:
-            DELIVERY_FAILURES.inc()
-            self._counts["delivery_failures"] += 1
-            self._last_failure, self._last_failure_at = str(err), time.time()
-            entry[_TRIES] += 1
-            delay = min(10.0, 0.5 * 2 ** min(entry[_TRIES] - 1, 5))
-            self._failures_since_log += 1
-            if time.monotonic() - self._failure_logged_at > 5:  # one line per 5 s, not one per message
-                log.warning("bus delivery to %s failed (%s); %d failed deliveries since the last report are "
-                            "retried with backoff (this one in %.1fs, attempt %d)", entry[_TOPIC], err,
-                            self._failures_since_log, delay, entry[_TRIES])
-                self._failure_logged_at = time.monotonic()
-                self._failures_since_log = 0
-            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
+    def _delivered(self, entry: list, err: Any, _msg: Any = None) -> None:
+        """Delivery report of one record (inside producer.poll): success marks the entry done, so its PUBACK
+        can go out; a failure schedules the record again."""
+        if err is None:
+            entry[_DONE] = True
+            latency = self._poll_now - entry[_T0]
+            self._lat_counts[bisect.bisect_left(self._lat_bounds, latency)] += 1
+            self._lat_sum += latency
+            self._n_forwarded[entry[_KIND]] += 1
             return
-        entry[_DONE] = True
-        LATENCY.observe(time.time() - entry[_T0])
-        self._forwarded[entry[_KIND]].inc()
+        DELIVERY_FAILURES.inc()
+        self._counts["delivery_failures"] += 1
+        self._last_failure, self._last_failure_at = str(err), time.time()
+        entry[_TRIES] += 1
+        delay = min(10.0, 0.5 * 2 ** min(entry[_TRIES] - 1, 5))
+        self._failures_since_log += 1
+        if time.monotonic() - self._failure_logged_at > 5:  # one line per 5 s, not one per message
+            log.warning("bus delivery to %s failed (%s); %d failed deliveries since the last report are "
+                        "retried with backoff (this one in %.1fs, attempt %d)", entry[_TOPIC], err,
+                        self._failures_since_log, delay, entry[_TRIES])
+            self._failure_logged_at = time.monotonic()
+            self._failures_since_log = 0
+        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
+
+    def _flush_metrics(self) -> None:
+        """Add the per-message counts gathered since the last call to the Prometheus metrics."""
+        for counts, metrics in ((self._n_received, self._received), (self._n_forwarded, self._forwarded)):
+            for kind, n in counts.items():
+                if n:
+                    metrics[kind].inc(n)
+                    counts[kind] = 0
+        if self._n_acked:
+            ACKED.inc(self._n_acked)
+            self._n_acked = 0
+        lat = self._lat_counts
+        if any(lat):
+            buckets = LATENCY._buckets  # noqa: SLF001 (what Histogram.observe increments, one bucket per value)
+            for i, n in enumerate(lat):
+                if n:
+                    buckets[i].inc(n)
+                    lat[i] = 0
+            LATENCY._sum.inc(self._lat_sum)  # noqa: SLF001
+            self._lat_sum = 0.0
 
     def _retry_due(self) -> None:
         now = time.monotonic()
         retries = self._retries
         while retries and retries[0][0] <= now:
             _, _, entry = heapq.heappop(retries)
-            self._produce(entry)
+            self._send(entry)
 
     def _ack_done(self) -> int:
+        """PUBACK the run of confirmed messages at the head of the window, in arrival order, as one write.
+        Messages received on an earlier connection are dropped unacknowledged: the broker redelivers them."""
         inflight = self._inflight
         client = self._client
         gen = self._gen
         connected = self._connected
+        popleft = inflight.popleft
+        mids: list[int] = []
         acked = 0
         while inflight and inflight[0][_DONE]:
-            entry = inflight.popleft()
+            entry = popleft()
             if entry[_QOS] and entry[_GEN] == gen and connected:
-                client.ack(entry[_MID], entry[_QOS])
-                acked += 1
+                if entry[_QOS] == 1:
+                    mids.append(entry[_MID])
+                else:  # QoS 2 (never with our QoS 1 subscriptions): paho's own flow, in order
+                    client.ack_many(mids)
+                    acked += len(mids)
+                    mids = []
+                    client.ack(entry[_MID], entry[_QOS])
+                    acked += 1
+        if mids:
+            client.ack_many(mids)
+            acked += len(mids)
         if acked:
-            ACKED.inc(acked)
+            self._n_acked += acked
             self._counts["acked"] += acked
         return acked
 
@@ -371,10 +450,12 @@ class Bridge:
                 self._pump_bus(producer)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is not None and client.want_write():
                     rc = client.loop_write()
-                if now >= next_misc and client.socket() is not None:
+                if now >= next_misc:
                     next_misc = now + 0.5
-                    rc = rc or client.loop_misc()
+                    if client.socket() is not None:
+                        rc = rc or client.loop_misc()
                     INFLIGHT.set(len(inflight))
+                    self._flush_metrics()
                 if client.socket() is None or rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                     if self._connected:
                         self._on_disconnect(client, None, None, rc, None)
@@ -389,6 +470,7 @@ class Bridge:
             self._ingest_alive = False
 
     def _pump_bus(self, producer) -> None:
+        self._poll_now = time.time()
         producer.poll(0)
         if self._retries:
             self._retry_due()
@@ -401,6 +483,7 @@ class Bridge:
         deadline = time.monotonic() + 15
         log.info("bridge stopping: %d messages in flight", len(self._inflight))
         while self._inflight and time.monotonic() < deadline:
+            self._poll_now = time.time()
             producer.poll(0.05)
             if self._retries:
                 self._retry_due()
@@ -423,6 +506,7 @@ class Bridge:
             pass
         self._connected = False
         MQTT_CONNECTED.set(0)
+        self._flush_metrics()
 
     # --- bus -> MQTT (commands) -------------------------------------------------------------------------
     def _on_cmd_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -7,9 +7,9 @@
   per byte of the fixed header plus one for the body (3+ system calls per message), one ``select`` per packet,
   and builds an MQTTMessage (with a Condition) and a v5 Properties object per PUBLISH; under load that is most of
   the bridge's CPU. FastClient parses packets out of a user-space buffer filled by large reads
-  (:meth:`FastClient.read_packets`), decodes QoS 0/1 PUBLISH itself when ``fast_on_message`` is set, and
-  coalesces queued PUBACKs into one ``send``. Everything else (CONNACK, SUBACK, PINGRESP, QoS 2, DISCONNECT) is
-  handled by paho. Written against paho-mqtt 2.2.0 (pinned): it overrides private methods.
+  (:meth:`FastClient.read_packets`), decodes QoS 0/1 PUBLISH itself and hands them over a batch per read
+  when ``fast_on_batch`` is set, and writes many PUBACKs as one ``send`` (:meth:`FastClient.ack_many`).
+  Everything else (CONNACK, SUBACK, PINGRESP, QoS 2, DISCONNECT) is handled by paho. Written against paho-mqtt 2.2.0 (pinned): it overrides private methods.
 * :class:`Backoff` is exponential backoff with jitter for hand-written reconnect loops.
 """
 
@@ -19,6 +19,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
@@ -55,32 +56,22 @@ class Backoff:
         self._current = self.initial
 
 
-class FastMessage:
-    """What the fast path hands to ``fast_on_message``: the fields of paho's MQTTMessage the bridge uses."""
-
-    __slots__ = ("mid", "qos", "_topic", "payload", "retain", "dup")
-
-    def __init__(self, mid: int, qos: int, topic: bytes, payload: bytes, retain: bool, dup: bool):
-        self.mid, self.qos, self._topic, self.payload, self.retain, self.dup = mid, qos, topic, payload, retain, dup
-
-    @property
-    def topic(self) -> str:
-        return self._topic.decode("utf-8")
-
-
 _DEFAULT_IN_PACKET = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
                       "remaining_length": 0, "packet": b"", "to_process": 0, "pos": 0}
 
 
 class FastClient(paho.Client):
-    """paho Client with a buffered packet reader, a lean PUBLISH path and coalesced PUBACK writes.
+    """paho Client with a buffered packet reader, a batched PUBLISH path and batched PUBACK writes.
 
-    For the owner of the network loop (``read_packets``/``loop_write``/``loop_misc``). When
-    ``fast_on_message`` is set, PUBLISH packets with QoS 0/1 are decoded here (MQTT v5 properties are skipped,
-    no MQTTMessage/MQTTMessageInfo objects, no per-topic callback matching) and handed to
-    ``fast_on_message(client, userdata, FastMessage)``; every other packet goes through paho's own handlers."""
+    For the owner of the network loop (``read_packets``/``loop_write``/``loop_misc``). When ``fast_on_batch``
+    is set, PUBLISH packets with QoS 0/1 are decoded here (MQTT v5 properties are skipped, no
+    MQTTMessage/MQTTMessageInfo objects, no per-topic callback matching) and handed over in arrival order as
+    one list of ``(mid, qos, topic_bytes, payload_bytes)`` per read: ``fast_on_batch(client, userdata, batch)``
+    (the list is reused afterwards: do not keep it). The batch is
+    handed over before any other packet is dispatched, so the order of packets is kept. Every other packet goes
+    through paho's own handlers. ``ack_many(mids)`` queues the PUBACKs of many messages as one write."""
 
-    fast_on_message: Callable[[Any, Any, FastMessage], None] | None = None
+    fast_on_batch: Callable[[Any, Any, list[tuple[int, int, bytes, bytes]]], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -109,81 +100,110 @@ class FastClient(paho.Client):
         would block. Returns paho's error code (non-zero: the connection is gone, on_disconnect was called)."""
         if self._in_packet["command"] != 0:  # paho's reader is mid-packet: let it finish first
             return self.loop_read()
+        on_batch = self.fast_on_batch
+        batch: list[tuple[int, int, bytes, bytes]] = []
+        try:
+            return self._read_packets(limit, on_batch, batch)
+        finally:
+            if batch:
+                self._hand_over(on_batch, batch)
+
+    def _hand_over(self, on_batch, batch: list) -> None:
+        try:
+            on_batch(self, self._userdata, batch)
+        except Exception:  # noqa: BLE001 (a callback bug must not kill the connection)
+            log.exception("error in MQTT message callback")
+        if not self._manual_ack:
+            self.ack_many([mid for mid, qos, _, _ in batch if qos == 1])
+        batch.clear()
+
+    def _read_packets(self, limit: int, on_batch, batch: list) -> MQTTErrorCode:
+        v5 = self._protocol == MQTTv5
         handled = 0
-        while handled < limit:
-            buf, pos = self._rbuf, self._rpos
-            n = len(buf)
-            if n - pos >= 2:
-                header = buf[pos]
-                length, mult, i = 0, 1, pos + 1
-                complete = False
-                while i < n:
-                    byte = buf[i]
-                    i += 1
-                    length += (byte & 127) * mult
-                    mult <<= 7
-                    if not byte & 128:
-                        complete = True
-                        break
-                    if i - pos > 4:
-                        return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
-                if complete and n - i >= length:
-                    self._rpos = i + length
-                    handled += 1
-                    rc = self._dispatch(header, buf[i:i + length])
-                    if rc:
-                        return self._loop_rc_handle(rc)
-                    if self._sock is None:
-                        return MQTTErrorCode.MQTT_ERR_NO_CONN
-                    continue
-            sock = self._sock
-            if sock is None:
-                return MQTTErrorCode.MQTT_ERR_NO_CONN
-            try:
-                data = sock.recv(_READ_CHUNK)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
-                break
-            except OSError as exc:
-                log.debug("MQTT socket read failed: %s", exc)
-                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-            if not data:
-                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-            self._rbuf = buf[pos:] + data if pos < n else data
-            self._rpos = 0
-            self._last_bytes_received = time_func()
+        received = False
+        append = batch.append
+        try:
+            while handled < limit:
+                buf, pos = self._rbuf, self._rpos
+                n = len(buf)
+                if n - pos >= 2:
+                    header = buf[pos]
+                    length, mult, i = 0, 1, pos + 1
+                    complete = False
+                    while i < n:
+                        byte = buf[i]
+                        i += 1
+                        length += (byte & 127) * mult
+                        mult <<= 7
+                        if not byte & 128:
+                            complete = True
+                            break
+                        if i - pos > 4:
+                            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                    end = i + length
+                    if complete and n >= end:
+                        self._rpos = end
+                        handled += 1
+                        received = True
+                        if on_batch is not None and header & 0xF0 == 0x30 and header & 0x06 != 0x04:
+                            # PUBLISH, QoS 0 or 1: topic length, topic, [packet id], [v5 properties], payload
+                            p = i + 2
+                            if p > end:
+                                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                            t = p + ((buf[i] << 8) | buf[i + 1])
+                            p = t
+                            mid = 0
+                            if header & 0x06:
+                                p += 2
+                                if p > end:
+                                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                                mid = (buf[t] << 8) | buf[t + 1]
+                            if v5:
+                                plen, mult = 0, 1
+                                while True:
+                                    if p >= end:
+                                        return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                                    byte = buf[p]
+                                    p += 1
+                                    plen += (byte & 127) * mult
+                                    mult <<= 7
+                                    if not byte & 128:
+                                        break
+                                p += plen
+                            if p > end:
+                                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                            append((mid, (header >> 1) & 3, buf[i + 2:t], buf[p:end]))
+                            continue
+                        if batch:  # keep the order: the messages before this packet are handled first
+                            self._hand_over(on_batch, batch)
+                        rc = self._dispatch(header, buf[i:end])
+                        if rc:
+                            return self._loop_rc_handle(rc)
+                        if self._sock is None:
+                            return MQTTErrorCode.MQTT_ERR_NO_CONN
+                        continue
+                sock = self._sock
+                if sock is None:
+                    return MQTTErrorCode.MQTT_ERR_NO_CONN
+                try:
+                    data = sock.recv(_READ_CHUNK)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.debug("MQTT socket read failed: %s", exc)
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                if not data:
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                self._rbuf = buf[pos:] + data if pos < n else data
+                self._rpos = 0
+                self._last_bytes_received = time_func()
+        finally:
+            if received:
+                # paho's keepalive looks at the time of the last whole packet read
+                self._last_msg_in = time_func()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _dispatch(self, header: int, body: bytes) -> MQTTErrorCode:
-        callback = self.fast_on_message
-        if header & 0xF0 == 0x30 and callback is not None and (header & 0x06) != 0x04:
-            try:
-                qos = (header >> 1) & 3
-                tlen = (body[0] << 8) | body[1]
-                p = 2 + tlen
-                mid = 0
-                if qos:
-                    mid = (body[p] << 8) | body[p + 1]
-                    p += 2
-                if self._protocol == MQTTv5:  # skip the properties
-                    plen, mult = 0, 1
-                    while True:
-                        byte = body[p]
-                        p += 1
-                        plen += (byte & 127) * mult
-                        mult <<= 7
-                        if not byte & 128:
-                            break
-                    p += plen
-                message = FastMessage(mid, qos, body[2:2 + tlen], body[p:], bool(header & 1), bool(header & 8))
-            except IndexError:
-                return MQTTErrorCode.MQTT_ERR_PROTOCOL
-            try:
-                callback(self, self._userdata, message)
-            except Exception:  # noqa: BLE001 (a callback bug must not kill the connection)
-                log.exception("error in MQTT message callback")
-            if qos == 1 and not self._manual_ack:
-                return self._send_puback(mid)
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
         self._in_packet = {**_DEFAULT_IN_PACKET, "command": header, "have_remaining": 1,
                            "remaining_length": len(body), "packet": bytearray(body), "remaining_count": []}
         try:
@@ -200,6 +220,15 @@ class FastClient(paho.Client):
         super()._sock_close()
 
     # --- writing ----------------------------------------------------------------------------------------
+    def ack_many(self, mids: list[int]) -> None:
+        """Queue the PUBACKs of ``mids`` (in this order) as one packet write. A PUBACK is 0x40 0x02 + the
+        packet id; with MQTT v5 the reason code "success" may be left out (MQTT 5, 3.4.2.1)."""
+        if not mids or self._sock is None:
+            return
+        data = struct.pack(f">{len(mids)}I", *[0x40020000 | mid for mid in mids])
+        self._out_packet.append({"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data),
+                                 "packet": data, "info": None})
+
     def _packet_write(self) -> MQTTErrorCode:
         out = self._out_packet
         # Coalesce a run of whole PUBACKs at the head of the queue into one send; anything else (PUBLISH with
@@ -208,13 +237,9 @@ class FastClient(paho.Client):
             chunks = []
             while out and out[0]["command"] & 0xF0 == _PUBACK and out[0]["pos"] == 0 and len(chunks) < 4096:
                 chunks.append(out.popleft()["packet"])
-            if len(chunks) > 1:
-                data = b"".join(chunks)
-                out.appendleft({"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data),
-                                "packet": data, "info": None})
-            else:
-                out.appendleft({"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0,
-                                "to_process": len(chunks[0]), "packet": chunks[0], "info": None})
+            data = b"".join(chunks)
+            out.appendleft({"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data),
+                            "packet": data, "info": None})
         return super()._packet_write()
 
 

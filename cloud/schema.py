@@ -23,6 +23,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
+
 VERSION = 1
 MAX_PAYLOAD_BYTES = 4096
 
@@ -36,6 +38,9 @@ RSSI_RANGE = (-130, 0)
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 TOPIC = re.compile(r"^devices/([^/]+)/(telemetry|status|acks|commands)$")
+# orjson turns integers beyond 64 bits into floats where json keeps them exact: payloads with a run of 19+
+# digits take the json path, so both paths return the same values.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 COMMAND_OPS = ("set_interval", "set_thresholds", "led", "ping", "reboot", "get_config")
 COMMAND_STATES = ("queued", "sent", "delivered", "failed", "expired")
@@ -77,6 +82,23 @@ def topic_for(device_id: str, kind: str) -> str:
 def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise Rejected(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    # Fast path: orjson accepts only strict UTF-8 JSON without raw control characters (so no raw NUL), rejects
+    # NaN/Infinity and out-of-range floats, and returns what json would for everything it accepts (long
+    # integers excepted, see _LONG_DIGITS). Anything it refuses goes through json below, which names the reason.
+    data: Any = None
+    if not _LONG_DIGITS.search(payload):
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            data = None
+    if type(data) is dict:
+        if b"\\u" in payload:  # only an escape can carry NUL or a lone surrogate this far
+            problem = unstorable_text(data)
+            if problem:
+                raise Rejected(problem)
+        if data.get("v") != VERSION:
+            raise Rejected(f"unsupported schema version v={data.get('v')!r}, expected {VERSION}")
+        return data
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -228,6 +250,43 @@ def parse_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD
         fw=_string(data, "fw", required=False, max_len=32),
         drop=_integer(data, "drop", required=False) or 0,
     )
+
+
+_T_LO, _T_HI = LIMITS["t"]
+_H_LO, _H_HI = LIMITS["h"]
+_P_LO, _P_HI = LIMITS["p"]
+
+
+def check_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    """Validate a telemetry payload by exactly the rules of :func:`parse_telemetry` without building the
+    Telemetry (the bridge only needs the verdict). Raises Rejected with parse_telemetry's reason.
+
+    The fast path accepts only payloads whose every checked field has the right type and range; anything else,
+    including whatever it is unsure about, is decided by parse_telemetry itself."""
+    # (a long integer that orjson reads as a float fails the type or range test below, so no _LONG_DIGITS here)
+    if len(payload) <= max_bytes and b"\\u" not in payload:
+        try:
+            d = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            d = None
+        if type(d) is dict and d.get("v") == VERSION and d.get("id") == device_id:
+            t, h, p = d.get("t"), d.get("h"), d.get("p")
+            boot, seq, ts = d.get("boot"), d.get("seq"), d.get("ts")
+            rssi, up, fw, drop = d.get("rssi"), d.get("up"), d.get("fw"), d.get("drop")
+            # NaN fails every comparison, so a non-finite value never passes a range test
+            if ((t is not None or h is not None or p is not None)
+                    and (t is None or (type(t) in (float, int) and _T_LO <= t <= _T_HI))
+                    and (h is None or (type(h) in (float, int) and _H_LO <= h <= _H_HI))
+                    and (p is None or (type(p) in (float, int) and _P_LO <= p <= _P_HI))
+                    and type(boot) is int and 0 <= boot <= 2**31 - 1
+                    and type(seq) is int and 0 <= seq <= 2**53
+                    and (ts is None or (type(ts) is int and 946_684_800_000 <= ts <= 4_102_444_800_000))
+                    and (rssi is None or (type(rssi) is int and RSSI_RANGE[0] <= rssi <= RSSI_RANGE[1]))
+                    and (up is None or (type(up) is int and 0 <= up <= 2**63 - 1))
+                    and (fw is None or (type(fw) is str and len(fw) <= 32))
+                    and (drop is None or (type(drop) is int and 0 <= drop <= 2**63 - 1))):
+                return
+    parse_telemetry(device_id, payload, max_bytes)
 
 
 # --- status -----------------------------------------------------------------------------------------------

@@ -8,24 +8,62 @@ explicitly after the work is done, and produce is asynchronous with a delivery r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from cloud.settings import Settings
 
 
-@dataclass(slots=True)
 class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    value: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    timestamp_ms: int = 0
+    """A record on the bus: ``topic``, ``partition``, ``offset``, ``key`` (str or None), ``value`` (bytes),
+    ``headers`` (dict of str), ``timestamp_ms``.
+
+    ``headers`` may be handed over undecoded (Kafka's list of ``(name, bytes | None)`` pairs, or None) and is
+    decoded to a dict on first access: most readers never look at them, and a consumer batch is thousands of
+    records."""
+
+    __slots__ = ("topic", "partition", "offset", "key", "value", "_headers", "timestamp_ms")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: str | None, value: bytes,
+                 headers: dict[str, str] | list | None = None, timestamp_ms: int = 0):
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self._headers = headers
+        self.timestamp_ms = timestamp_ms
+
+    @property
+    def headers(self) -> dict[str, str]:
+        headers = self._headers
+        if not isinstance(headers, dict):
+            headers = self._headers = {k: (v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray))
+                                           else "" if v is None else str(v)) for k, v in (headers or ())}
+        return headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._headers = value
+
+    def _fields(self) -> tuple:
+        return (self.topic, self.partition, self.offset, self.key, self.value, self.headers, self.timestamp_ms)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like the dataclass it replaces)
+
+    def __repr__(self) -> str:
+        return (f"Record(topic={self.topic!r}, partition={self.partition!r}, offset={self.offset!r}, "
+                f"key={self.key!r}, value={self.value!r}, headers={self.headers!r}, "
+                f"timestamp_ms={self.timestamp_ms!r})")
 
 
 DeliveryCallback = Callable[[Exception | None, Record | None], None]
+# Lean delivery report for hot paths (see Producer.send): report(error_or_None, backend_specific_ignored)
+Report = Callable[[Any, Any], None]
 
 
 class BusError(RuntimeError):
@@ -36,6 +74,13 @@ class Producer(Protocol):
     def produce(self, topic: str, key: str | None, value: bytes, headers: dict[str, str] | None = None,
                 on_delivery: DeliveryCallback | None = None) -> None:
         """Queue a record. ``on_delivery(err, record)`` runs later, inside ``poll`` or ``flush``."""
+
+    def send(self, topic: str, key: str | None, value: bytes, headers: list[tuple[str, bytes]] | None,
+             report: Report) -> None:
+        """The lean form of ``produce`` for hot paths (the bridge): headers as a list of ``(name, bytes)``, and
+        ``report(err, _)`` runs later inside ``poll``/``flush`` with ``err`` None once the bus has the record,
+        or an error object (``str()`` says what failed) if it does not. The second argument is backend-specific
+        and must be ignored: no Record is built for the report."""
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks; returns how many were served."""

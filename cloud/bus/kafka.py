@@ -8,7 +8,7 @@ from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Producer as _Producer
 
-from cloud.bus import BusError, DeliveryCallback, Record
+from cloud.bus import BusError, DeliveryCallback, Record, Report
 from cloud.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,11 @@ CONSUMER_DEFAULTS = {
 }
 
 
-def _headers(msg) -> dict[str, str]:
-    return {k: (v.decode("utf-8", "replace") if v is not None else "") for k, v in (msg.headers() or [])}
-
-
 def _record(msg) -> Record:
     key = msg.key()
+    # headers stay Kafka's raw list; Record decodes them on first access
     return Record(msg.topic(), msg.partition(), msg.offset(), key.decode() if key is not None else None,
-                  msg.value() or b"", _headers(msg), msg.timestamp()[1])
+                  msg.value() or b"", msg.headers(), msg.timestamp()[1])
 
 
 class KafkaBus:
@@ -87,6 +84,24 @@ class KafkaProducer:
                 # local queue full: serve delivery reports until there is room (backpressure, not loss)
                 self._producer.poll(0.1)
 
+    def send(self, topic: str, key: str | None, value: bytes, headers: list[tuple[str, bytes]] | None,
+             report: Report) -> None:
+        # librdkafka calls report(KafkaError | None, Message) itself: no wrapper, no Record per message
+        try:
+            self._producer.produce(topic, value, key, headers=headers, on_delivery=report)
+        except BufferError:
+            self._produce_blocking(topic, value, key, headers, report)
+
+    def _produce_blocking(self, topic, value, key, headers, report) -> None:
+        while True:
+            # local queue full: serve delivery reports until there is room (backpressure, not loss)
+            self._producer.poll(0.1)
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=report)
+                return
+            except BufferError:
+                continue
+
     def poll(self, timeout: float = 0.0) -> int:
         return self._producer.poll(timeout)
 
@@ -103,14 +118,17 @@ class KafkaConsumer:
         self._consumer.subscribe(topics)
 
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
-        records = []
+        records: list[Record] = []
+        append = records.append
         for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
-            err = msg.error()
-            if err is not None:
+            if msg.error() is not None:
+                err = msg.error()
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                 continue
-            records.append(_record(msg))
+            key = msg.key()
+            append(Record(msg.topic(), msg.partition(), msg.offset(), None if key is None else key.decode(),
+                          msg.value() or b"", msg.headers(), msg.timestamp()[1]))
         return records
 
     def commit(self, records: list[Record]) -> None:

@@ -10,7 +10,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
-from cloud.bus import BusError, DeliveryCallback, Record
+from cloud.bus import BusError, DeliveryCallback, Record, Report
 from cloud.settings import Settings
 
 # Records nobody has consumed yet are kept; records every group has committed are trimmed. A topic that no
@@ -119,7 +119,7 @@ class MemoryBus:
 class MemoryProducer:
     def __init__(self, bus: MemoryBus):
         self._bus = bus
-        self._pending: deque[tuple[DeliveryCallback, Record]] = deque()
+        self._pending: deque[tuple[DeliveryCallback | Report, Record]] = deque()
         self._closed = False
 
     def produce(self, topic: str, key: str | None, value: bytes, headers: dict[str, str] | None = None,
@@ -129,6 +129,14 @@ class MemoryProducer:
         record = self._bus._append(topic, key, value, headers)
         if on_delivery is not None:
             self._pending.append((on_delivery, record))
+
+    def send(self, topic: str, key: str | None, value: bytes, headers: list[tuple[str, bytes]] | None,
+             report: Report) -> None:
+        if self._closed:
+            raise BusError("producer is closed")
+        decoded = {k: (v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v))
+                   for k, v in headers or ()}
+        self._pending.append((report, self._bus._append(topic, key, value, decoded)))
 
     def poll(self, timeout: float = 0.0) -> int:
         served = 0

@@ -126,3 +126,47 @@ def test_strings_that_no_store_can_hold_are_rejected(fw):
     payload = ('{"v":1,"id":"dev-1","boot":1,"seq":1,"t":20,"fw":"%s"}' % fw).encode()
     with pytest.raises(schema.Rejected):
         schema.parse_telemetry(DEVICE, payload)
+
+
+def _verdict(fn, *args):
+    try:
+        fn(*args)
+        return None
+    except schema.Rejected as exc:
+        return exc.reason
+
+
+@FUZZ
+@given(payloads(DEVICE))
+@example(b'{"v":1,"id":"dev-1","boot":1,"seq":1,"t":NaN}')
+@example(b'{"v":1,"id":"dev-1","boot":1,"seq":18446744073709551616,"t":20}')
+@example(b'{"v":1,"id":"dev-1","boot":true,"seq":1,"t":20}')
+@example(b'{"v":true,"id":"dev-1","boot":1,"seq":1,"t":20.0}')
+@example(b'{"v":1,"id":"dev-1","boot":1,"seq":1,"t":20,"fw":"\\u0000"}')
+def test_bridge_fast_check_agrees_with_the_parser(payload):
+    """check_telemetry (the bridge's fast path) accepts and rejects exactly what parse_telemetry does, with the
+    same reason."""
+    assert _verdict(schema.check_telemetry, DEVICE, payload) == _verdict(schema.parse_telemetry, DEVICE, payload)
+
+
+@FUZZ
+@given(valid_telemetry(DEVICE))
+def test_bridge_fast_check_accepts_valid_telemetry(data):
+    schema.check_telemetry(DEVICE, dumps(data))
+
+
+@FUZZ
+@given(objects)
+@example({"v": 1, "big": 18446744073709551616, "neg": -9223372036854775809})
+def test_orjson_fast_path_reads_what_json_reads(obj):
+    """_load_object decodes with orjson when it can; the result must be what the json module returns."""
+    raw = dumps({**obj, "v": 1})
+    try:
+        expected = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return
+    try:
+        got = schema._load_object(raw, 1 << 20)
+    except schema.Rejected:
+        return
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
