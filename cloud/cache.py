@@ -37,6 +37,26 @@ class Subscription(Protocol):
     def close(self) -> None: ...
 
 
+FEED_RESYNC = "resync"  # Feed.get(): events may have been lost (reconnect, overflow); clients should reload
+
+
+class Feed(Protocol):
+    """Many tenants' live events on ONE subscription (the web tier keeps one per process).
+
+    ``add(tenant)`` asks for a tenant's events and returns an event set once the subscription is confirmed;
+    ``get(timeout)`` (one consumer thread) returns ``(tenant_id, payload)`` where payload is the event as JSON
+    bytes (Redis: exactly as published, so it is forwarded without decoding) or a dict (memory), ``FEED_RESYNC``
+    after a gap, or None on timeout."""
+
+    def add(self, tenant_id: int) -> threading.Event: ...
+
+    def remove(self, tenant_id: int) -> None: ...
+
+    def get(self, timeout: float = 1.0) -> tuple[int, Any] | str | None: ...
+
+    def close(self) -> None: ...
+
+
 class LatestCache(Protocol):
     def update(self, tenant_id: int, device_id: str, fields: dict) -> None: ...
 
@@ -51,6 +71,8 @@ class LatestCache(Protocol):
     def publish_many(self, events: list[tuple[int, dict]]) -> None: ...
 
     def subscribe(self, tenant_id: int) -> Subscription: ...
+
+    def feed(self) -> Feed: ...
 
 
 # --- memory ----------------------------------------------------------------------------------------------
@@ -78,6 +100,45 @@ class _MemorySubscription:
         self._cache._unsubscribe(self)
 
 
+class _MemoryFeed:
+    def __init__(self, cache: "MemoryCache", maxsize: int = 10_000):
+        self._cache = cache
+        self.tenants: set[int] = set()
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self._lost = False
+
+    def add(self, tenant_id: int) -> threading.Event:
+        with self._cache._lock:
+            self.tenants.add(tenant_id)
+        done = threading.Event()
+        done.set()
+        return done
+
+    def remove(self, tenant_id: int) -> None:
+        with self._cache._lock:
+            self.tenants.discard(tenant_id)
+
+    def _offer(self, tenant_id: int, event: dict) -> None:
+        try:
+            self.queue.put_nowait((tenant_id, event))
+        except queue.Full:  # a stalled consumer loses live events, never blocks the writer
+            self._lost = True
+
+    def get(self, timeout: float = 1.0):
+        if self._lost:
+            self._lost = False
+            return FEED_RESYNC
+        try:
+            return self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        with self._cache._lock:
+            if self in self._cache._feeds:
+                self._cache._feeds.remove(self)
+
+
 class MemoryCache:
     """The embedded profile's cache: dicts under a lock, in-process subscriber queues."""
 
@@ -85,6 +146,7 @@ class MemoryCache:
         self._lock = threading.Lock()
         self._latest: dict[str, dict] = {}
         self._subs: dict[int, list[_MemorySubscription]] = {}
+        self._feeds: list[_MemoryFeed] = []
 
     def update(self, tenant_id: int, device_id: str, fields: dict) -> None:
         with self._lock:
@@ -107,8 +169,11 @@ class MemoryCache:
     def publish(self, tenant_id: int, event: dict) -> None:
         with self._lock:
             subs = list(self._subs.get(tenant_id, ()))
+            feeds = [f for f in self._feeds if tenant_id in f.tenants]
         for sub in subs:
             sub._offer(event)
+        for feed in feeds:
+            feed._offer(tenant_id, event)
 
     def publish_many(self, events: list[tuple[int, dict]]) -> None:
         for tenant_id, event in events:
@@ -119,6 +184,12 @@ class MemoryCache:
         with self._lock:
             self._subs.setdefault(tenant_id, []).append(sub)
         return sub
+
+    def feed(self) -> _MemoryFeed:
+        feed = _MemoryFeed(self)
+        with self._lock:
+            self._feeds.append(feed)
+        return feed
 
     def _unsubscribe(self, sub: _MemorySubscription) -> None:
         with self._lock:
@@ -176,6 +247,119 @@ class _RedisSubscription:
     def close(self) -> None:
         try:
             self._pubsub.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _RedisFeed:
+    """One Redis pub/sub connection carrying the channels of every tenant asked for with ``add``.
+
+    Only the consumer thread touches the connection: ``add``/``remove`` queue a request that ``get`` sends
+    between waits (it waits at most ``poll_s`` at a time), and ``add``'s event is set when Redis confirms the
+    subscription. After a connection failure ``get`` reconnects, re-subscribes every tenant and returns
+    FEED_RESYNC once, since events published meanwhile are lost (pub/sub keeps nothing)."""
+
+    def __init__(self, url: str, poll_s: float = 0.05):
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=2.0, decode_responses=False)
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._wanted: dict[int, threading.Event] = {}
+        self._ops: list[tuple[str, int]] = []
+        self._pubsub = None
+        self._broken = False
+
+    @staticmethod
+    def _channel(tenant_id: int) -> str:
+        return f"{EVENTS_PREFIX}{tenant_id}"
+
+    def add(self, tenant_id: int) -> threading.Event:
+        with self._lock:
+            done = self._wanted.get(tenant_id)
+            if done is None:
+                done = self._wanted[tenant_id] = threading.Event()
+                self._ops.append(("add", tenant_id))
+            return done
+
+    def remove(self, tenant_id: int) -> None:
+        with self._lock:
+            if self._wanted.pop(tenant_id, None) is not None:
+                self._ops.append(("remove", tenant_id))
+
+    def _connect(self) -> None:
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        with self._lock:
+            tenants = list(self._wanted)
+            self._ops.clear()
+        if tenants:
+            self._pubsub.subscribe(*(self._channel(t) for t in tenants))
+
+    def _apply_ops(self) -> None:
+        with self._lock:
+            ops, self._ops = self._ops, []
+            wanted = set(self._wanted)
+        for op, tenant_id in ops:
+            if op == "add" and tenant_id in wanted:
+                self._pubsub.subscribe(self._channel(tenant_id))
+            elif op == "remove" and tenant_id not in wanted:
+                self._pubsub.unsubscribe(self._channel(tenant_id))
+
+    def get(self, timeout: float = 1.0):
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if self._pubsub is None:
+                    self._connect()
+                    if self._broken:
+                        self._broken = False
+                        return FEED_RESYNC
+                if self._ops:
+                    self._apply_ops()
+                message = self._pubsub.get_message(timeout=max(0.0, min(remaining, self.poll_s)))
+            except (redis.RedisError, OSError) as exc:
+                CACHE_ERRORS.labels("subscribe").inc()
+                log.debug("redis feed: %s", exc)
+                self._drop_connection()
+                self._broken = True
+                time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+                message = None
+            if message is not None:
+                kind = message.get("type")
+                channel = message.get("channel") or b""
+                try:
+                    tenant_id = int(channel.rsplit(b":", 1)[1])
+                except (IndexError, ValueError):
+                    tenant_id = None
+                if kind == b"message" or kind == "message":
+                    if tenant_id is not None:
+                        return tenant_id, message["data"]
+                elif kind in (b"subscribe", "subscribe") and tenant_id is not None:
+                    with self._lock:
+                        done = self._wanted.get(tenant_id)
+                    if done is not None:
+                        done.set()
+            if time.monotonic() >= deadline:
+                return None
+
+    def _drop_connection(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        with self._lock:
+            for done in self._wanted.values():
+                done.clear()
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        self._drop_connection()
+        try:
+            self._client.close()
         except Exception:  # noqa: BLE001
             pass
 
@@ -305,6 +489,9 @@ class RedisCache:
 
     def subscribe(self, tenant_id: int) -> _RedisSubscription:
         return _RedisSubscription(self._client, f"{EVENTS_PREFIX}{tenant_id}")
+
+    def feed(self) -> _RedisFeed:
+        return _RedisFeed(self.url)
 
     def ping(self) -> bool:
         try:

@@ -58,6 +58,27 @@ def ctx() -> WebContext:
     return current_app.extensions["iot"]
 
 
+def request_session():
+    """The request's read session: opened on first use (the principal lookup), shared by the handler, closed
+    when the request ends. One connection checkout per request instead of one per lookup saves the pool's
+    pre-ping and the reset-on-return rollback, two database round trips on every request."""
+    from flask import g
+
+    s = g.get("_db_session")
+    if s is None:
+        s = g._db_session = current_app.extensions["iot"].session_factory()
+    return s
+
+
+def release_request_session() -> None:
+    """Give the request's connection back now (a WebSocket lives for hours and must not hold one)."""
+    from flask import g
+
+    s = g.pop("_db_session", None)
+    if s is not None:
+        s.close()
+
+
 def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache: Any = None) -> Flask:
     """Build the web app. Missing collaborators are created from ``settings``."""
     from cloud import db as dbmod
@@ -84,7 +105,9 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
         PERMANENT_SESSION_LIFETIME=12 * 3600,
         MAX_CONTENT_LENGTH=256 * 1024,
         JSON_SORT_KEYS=False,
-        SOCK_SERVER_OPTIONS={"ping_interval": 25},
+        # no pings from simple_websocket's reader thread: the hub's feed thread sends them (cloud/web/ws.py),
+        # so frames written to a socket never interleave
+        SOCK_SERVER_OPTIONS={"ping_interval": None},
     )
     from cloud.web.ws import Hub
 
@@ -97,6 +120,7 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
 
     auth.init_app(app)
     ops.init_app(app)
+    app.teardown_appcontext(lambda _exc: release_request_session())
     app.register_blueprint(auth.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)

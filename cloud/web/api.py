@@ -18,7 +18,7 @@ from flask import Blueprint, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from cloud import schema
-from cloud.web import ctx, data
+from cloud.web import ctx, data, request_session
 from cloud.web import serialize as ser
 from cloud.web.auth import ROLES, login_required
 from cloud.web.ops import COMMANDS
@@ -134,6 +134,15 @@ def _time_arg(name: str) -> datetime | None:
         raise BadRequest(f"{name} must be ISO 8601 or unix seconds/milliseconds") from None
 
 
+def cached_latest(ids: list[str]) -> dict[str, dict]:
+    """The cache's latest values of these devices ({} for any it does not know, or when it is down)."""
+    try:
+        return (ctx().cache.get_many(ids) or {}) if ids else {}
+    except Exception:  # the cache is an accelerator; the database is the truth
+        log.warning("latest-value cache unavailable, reading from the database", exc_info=True)
+        return {}
+
+
 def latest_for(s, tenant_id: int, devices: list) -> dict[str, dict]:
     """Latest reading per device: the cache first, the database for devices the cache does not know.
 
@@ -142,11 +151,7 @@ def latest_for(s, tenant_id: int, devices: list) -> dict[str, dict]:
     ``_last_seen`` for :func:`device_summary`."""
     ids = [d.id for d in devices]
     found: dict[str, dict] = {}
-    try:
-        cached = ctx().cache.get_many(ids) if ids else {}
-    except Exception:  # the cache is an accelerator; the database is the truth
-        log.warning("latest-value cache unavailable, reading from the database", exc_info=True)
-        cached = {}
+    cached = cached_latest(ids)
     for device_id, value in (cached or {}).items():
         if value and any(value.get(k) is not None for k in ("t", "h", "p")):
             found[device_id] = ser.reading(value)
@@ -201,9 +206,9 @@ def devices():
     sort = request.args.get("sort", "name")
     if sort not in DEVICE_SORTS:
         raise BadRequest(f"sort must be one of {', '.join(DEVICE_SORTS)}")
-    with ctx().session_factory() as s:
-        rows, total = data.device_page(s, _tid(), search, sort, limit, offset)
-        latest = latest_for(s, _tid(), rows)
+    s = request_session()
+    rows, total = data.device_page(s, _tid(), search, sort, limit, offset)
+    latest = latest_for(s, _tid(), rows)
     out = [device_summary(d, latest.get(d.id), d.alarms) for d in rows]
     return listing(out, total, limit, offset)
 
@@ -306,8 +311,7 @@ def history(device_id: str):
         raise BadRequest("start must be before end")
     if end - start > timedelta(days=400):
         raise BadRequest("a history window is at most 400 days")
-    with ctx().session_factory() as s:
-        result = data.history(s, _tid(), device_id, start, end)
+    result = data.history(request_session(), _tid(), device_id, start, end)
     return json_response({"device": device_id, "start": ser.iso(start), "end": ser.iso(end),
                           **history_payload(result)})
 

@@ -23,7 +23,7 @@ from typing import Callable
 from flask import (Blueprint, abort, flash, g, jsonify, redirect, render_template, request, session, url_for)
 
 from cloud.db import repo
-from cloud.web import ctx
+from cloud.web import ctx, release_request_session, request_session
 
 bp = Blueprint("auth", __name__)
 
@@ -107,8 +107,7 @@ def _error(status: int, message: str):
 
 def _token_principal(token: str) -> Principal | None:
     from cloud.web.data import token_principal
-    with ctx().session_factory() as s:
-        tok = token_principal(s, token)
+    tok = token_principal(request_session(), token)
     if tok is None:
         return None
     return Principal(tenant_id=tok.tenant_id, email=f"token:{tok.name}", role=tok.role, kind="token")
@@ -119,8 +118,7 @@ def _session_principal() -> Principal | None:
     if uid is None:
         return None
     from cloud.web.data import session_user
-    with ctx().session_factory() as s:
-        user = session_user(s, uid)
+    user = session_user(request_session(), uid)
     if user is None or user.tenant_id != session.get("tid"):
         session.clear()
         return None
@@ -162,6 +160,8 @@ def init_app(app) -> None:
         if request.path in ("/healthz", "/metrics"):
             return None
         load_principal()
+        if request.path == "/ws":
+            release_request_session()
         return check_csrf()
 
     @app.context_processor

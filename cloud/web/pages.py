@@ -8,13 +8,14 @@ carries the session's CSRF token (checked in auth.check_csrf).
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 from flask import (Blueprint, abort, flash, g, redirect, render_template, request, url_for)
 from markupsafe import Markup, escape
 
 from cloud import schema
-from cloud.web import api, ctx, data
+from cloud.web import api, ctx, data, request_session
 from cloud.web import serialize as ser
 from cloud.web.auth import ROLES, login_required
 
@@ -49,39 +50,53 @@ def fleet():
         offset = max(int(request.args.get("offset", 0)), 0)
     except ValueError:
         offset = 0
-    with ctx().session_factory() as s:
-        rows, total = data.device_page(s, _tid(), search or None, sort, FLEET_PAGE, offset)
-        latest = api.latest_for(s, _tid(), rows)
-    devices = [api.device_summary(d, latest.get(d.id), d.alarms) for d in rows]
-    return render_template("fleet.html", rows=fleet_rows(devices), empty=not devices, search=search, sort=sort,
-                           offset=offset, total=total, page_size=FLEET_PAGE, sorts=api.DEVICE_SORTS)
+    s = request_session()
+    rows, total = data.device_page(s, _tid(), search or None, sort, FLEET_PAGE, offset)
+    ids = [r.id for r in rows]
+    cached = api.cached_latest(ids)
+    missing = [i for i in ids if not _has_reading(cached.get(i))]
+    stored = data.latest_readings_batch(s, _tid(), missing) if missing else {}
+    return render_template("fleet.html", rows=fleet_rows(rows, cached, stored), empty=not rows, search=search,
+                           sort=sort, offset=offset, total=total, page_size=FLEET_PAGE, sorts=api.DEVICE_SORTS)
+
+
+def _has_reading(value: dict | None) -> bool:
+    return bool(value) and any(value.get(k) is not None for k in ("t", "h", "p"))
 
 
 def _num(value, fmt: str) -> str:
     return fmt % value if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
 
 
-def fleet_rows(devices: list[dict]) -> Markup:
+def fleet_rows(rows: list, cached: dict[str, dict], stored: dict[str, dict]) -> Markup:
     """The fleet table's rows, built here rather than in a Jinja loop: a page has up to 200 rows of 7 cells,
-    and the loop (attribute lookups, filters, url_for per row) was most of the page's time. Every value a
-    device or user can name goes through ``escape``."""
+    and the loop (attribute lookups, filters, url_for per row) was most of the page's time. Same merge as
+    ``api.device_summary``: the cache's status and newer last_seen win over the database row; the reading is
+    the cache's, else the newest stored one. Every value a device or user can name goes through ``escape``."""
     link = url_for("pages.device", device_id="x")[:-1]
     out = []
-    for d in devices:
-        latest = d["latest"] or {}
-        did = escape(d["id"])
-        status = escape(d["status"])
-        seen = escape(d["last_seen"] or "")
+    for r in rows:
+        live = cached.get(r.id) or {}
+        reading = live if _has_reading(live) else (stored.get(r.id) or {})
+        status = live.get("status")
+        if status not in ("online", "offline"):
+            status = r.status
+        seen = r.last_seen
+        live_seen = ser.ms(live.get("last_seen"))
+        if live_seen is not None and (seen is None or live_seen > ser.ms(seen)):
+            seen = datetime.fromtimestamp(live_seen / 1000, timezone.utc)
+        seen_iso = escape(ser.iso(seen) or "")
+        did, status = escape(r.id), escape(status)
         out.append(
             f'<tr data-device="{did}">\n'
-            f'<td class="name"><a href="{escape(link + quote(d["id"], safe=""))}">{escape(d["name"])}</a>'
+            f'<td class="name"><a href="{escape(link + quote(r.id, safe=""))}">{escape(r.name)}</a>'
             f'<div class="muted small">{did}</div></td>\n'
             f'<td class="status"><span class="badge {status}">{status}</span></td>\n'
-            f'<td class="last-seen" data-iso="{seen}">{seen or "—"}</td>\n'
-            f'<td class="num t">{_num(latest.get("t"), "%.2f")}</td>\n'
-            f'<td class="num h">{_num(latest.get("h"), "%.1f")}</td>\n'
-            f'<td class="num p">{_num(latest.get("p"), "%.1f")}</td>\n'
-            f'<td class="num alarms">{int(d["active_alarms"])}</td>\n</tr>\n')
+            f'<td class="last-seen" data-iso="{seen_iso}">{seen_iso or "—"}</td>\n'
+            f'<td class="num t">{_num(reading.get("t"), "%.2f")}</td>\n'
+            f'<td class="num h">{_num(reading.get("h"), "%.1f")}</td>\n'
+            f'<td class="num p">{_num(reading.get("p"), "%.1f")}</td>\n'
+            f'<td class="num alarms">{int(r.alarms)}</td>\n</tr>\n')
     return Markup("".join(out))
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
 import pytest
 import simple_websocket
 
-from cloud.web.ws import Client, Hub
+from cloud.web.ws import Client, Hub, event_frame
 from tests.web.conftest import login
 
 
@@ -94,13 +95,83 @@ def test_ws_refuses_cross_site_origin(world, live):
         open_ws(ws_url(live), headers={"Cookie": f"iot_session={cookie.value}", "Origin": "http://evil.example"})
 
 
-def test_slow_client_drops_oldest_and_gets_resync():
-    client = Client(maxlen=3)
-    for i in range(10):
-        client.push({"n": i})
-    items, dropped = client.take(timeout=0)
-    assert [e["n"] for e in items] == [7, 8, 9] and dropped == 7
-    assert client.take(timeout=0) == ([], 0)
+class FrameReader:
+    """Reads the unmasked frames a server writes (the test's side of a socket pair)."""
+
+    def __init__(self, sock):
+        self.sock, self.buf = sock, b""
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def frame(self):
+        b0, b1 = self._need(2)
+        assert b1 & 0x80 == 0, "server frames are never masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._need(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._need(8), "big")
+        return b0 & 0x0F, self._need(n)
+
+
+def small_pair():
+    server, peer = socket.socketpair()
+    for s in (server, peer):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return server, peer
+
+
+def run_in_thread(fn, *args):
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def test_frames_are_plain_websocket_text():
+    from cloud.web.ws import text_frame
+
+    for size in (0, 125, 126, 65535, 65536):
+        server, peer = socket.socketpair()
+        payload = b"x" * size
+        run_in_thread(server.sendall, text_frame(payload))
+        assert FrameReader(peer).frame() == (0x1, payload)
+        server.close()
+        peer.close()
+
+
+def test_slow_client_drops_oldest_whole_frames_and_gets_resync():
+    server, peer = small_pair()
+    client = Client(server, maxlen=3)
+    pad = "y" * 900
+    pusher = run_in_thread(lambda: [client.push(event_frame({"n": i, "pad": pad})) for i in range(300)])
+    pusher.join(30)
+    assert not pusher.is_alive(), "push blocked on a client that does not read"
+    assert client.dropped > 0 and len(client._q) <= 3 + 1
+    sender = run_in_thread(lambda: [client.drain(timeout=0.1) for _ in range(50)])
+    reader = FrameReader(peer)
+    got, resyncs = [], []
+    while not got or got[-1] != 299:
+        opcode, data = reader.frame()
+        event = json.loads(data)
+        if event.get("type") == "resync":
+            resyncs.append(event["dropped"])
+        else:
+            got.append(event["n"])
+    assert got == sorted(got) and len(set(got)) == len(got)  # in order, each frame whole and once
+    assert len(resyncs) == 1 and resyncs[0] + len(got) == 300
+    assert got[-3:] == [297, 298, 299]
+    client.kill()
+    sender.join(10)
+    server.close()
+    peer.close()
 
 
 def test_slow_client_does_not_stall_others():
@@ -108,27 +179,42 @@ def test_slow_client_does_not_stall_others():
 
     cache = MemoryCache()
     hub = Hub(cache, queue_size=5)
+    slow_server, slow_peer = small_pair()  # the peer never reads
+    fast_server, fast_peer = small_pair()
     try:
-        slow = hub.join(1)  # never reads
-        fast = hub.join(1)
-        received = []
-        for i in range(200):
-            cache.publish(1, {"n": i})
-            if i % 4 == 3:
-                deadline = time.monotonic() + 2
-                while len(received) < i + 1 and time.monotonic() < deadline:
-                    items, dropped = fast.take(timeout=0.1)
-                    assert dropped == 0
-                    received.extend(e["n"] for e in items)
-        assert received == list(range(200))
-        deadline = time.monotonic() + 2
-        while slow.dropped < 195 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        items, dropped = slow.take(timeout=0)
-        assert [e["n"] for e in items] == [195, 196, 197, 198, 199] and dropped == 195
+        slow = hub.join(1, slow_server)
+        fast = hub.join(1, fast_server)
+        senders = [run_in_thread(lambda c=c: [None for _ in iter(lambda: c.drain(0.2), False)])
+                   for c in (slow, fast)]
+        received, resyncs = [], []
+        progress = threading.Condition()
+
+        def read_fast():
+            reader = FrameReader(fast_peer)
+            try:
+                while len(received) < 2000:
+                    event = json.loads(reader.frame()[1])
+                    with progress:
+                        (resyncs if event.get("type") == "resync" else received).append(event)
+                        progress.notify_all()
+            except (EOFError, OSError):
+                pass
+
+        run_in_thread(read_fast)
+        for i in range(2000):
+            cache.publish(1, {"type": "reading", "n": i, "pad": "z" * 300})
+            if i % 4 == 3:  # the fast client keeps up with a steady stream; the slow one never reads
+                with progress:
+                    progress.wait_for(lambda: len(received) + len(resyncs) >= i + 1, timeout=30)
+        assert [e["n"] for e in received] == list(range(2000)) and resyncs == []
+        assert slow.dropped > 0 and len(slow._q) <= 5 + 1
         assert hub.client_count() == 2
         hub.leave(1, slow)
         hub.leave(1, fast)
         assert hub.client_count() == 0
+        for t in senders:
+            t.join(10)
     finally:
         hub.close()
+        for s in (slow_server, slow_peer, fast_server, fast_peer):
+            s.close()
