@@ -24,27 +24,30 @@ processes any record from them (Kafka: inside the rebalance callback, which runs
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from typing import Callable
 
+import orjson
 from prometheus_client import Counter, Gauge
 
 from cloud.alarms import rules as R
 from cloud.alarms.catalog import Catalog
 from cloud.alarms.io import StreamIO
-from cloud.bus import Record
 from cloud.schema import VERSION, AlarmEvent, Command, validate_command_args
 
 log = logging.getLogger(__name__)
 
 SOURCE_HEADER = "src"
 SOURCE = "alarms"  # header on every event the engine produces; events without it come from elsewhere (web)
+_SOURCE_HEADERS = {SOURCE_HEADER: SOURCE}
+_NO_DEVICES: dict = {}
 MAX_FUTURE_MS = 5 * 60 * 1000  # a device clock further ahead of the cloud than this is not trusted
 COMMAND_TTL_S = 300
-_decode = json.JSONDecoder().raw_decode
+_loads = orjson.loads
+_dumps = orjson.dumps
+_BAD_INPUT = (orjson.JSONDecodeError, AttributeError, TypeError)  # not JSON, not an object
 _CMD_NS = uuid.UUID("1b0c6a57-22a4-4f3e-8a8f-3c2f1f4b9d10")
 
 READINGS = Counter("iot_alarms_readings_total", "Readings evaluated by the alarm service", ["result"])
@@ -52,6 +55,24 @@ EVENTS = Counter("iot_alarms_events_total", "Alarm events produced", ["state"])
 INVALID = Counter("iot_alarms_invalid_total", "Input records the alarm service could not read", ["topic"])
 ACTIVE = Gauge("iot_alarms_active", "Active alarms held by this alarm service instance")
 RESTORED = Counter("iot_alarms_restored_states_total", "Device states restored from the changelog")
+_READINGS_APPLIED, _READINGS_LATE, _READINGS_DUPLICATE = (READINGS.labels(r) for r in ("applied", "late",
+                                                                                        "duplicate"))
+
+
+class _Epoch:
+    """The records produced between two checkpoints (events, commands, then the checkpoint's snapshots): how many
+    still wait for their delivery report, and how many failed. Its ``done`` is the delivery callback."""
+    __slots__ = ("outstanding", "errors")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.errors = 0
+
+    def done(self, err, _msg) -> None:
+        self.outstanding -= 1
+        if err is not None:
+            self.errors += 1
+            log.error("alarm service: a record was not delivered: %s", err)
 
 
 class AlarmEngine:
@@ -66,7 +87,9 @@ class AlarmEngine:
         self.commit_interval = commit_interval
         self.on_unknown_device = on_unknown_device
         self.parts: dict[int, dict[str, R.DeviceState]] = {}  # input partition -> device -> state
-        self.dirty: dict[str, tuple[int, R.DeviceState]] = {}
+        # device -> its input partition, for the devices changed since the last checkpoint (an int value: no new
+        # object per reading for the garbage collector to track)
+        self.dirty: dict[str, int] = {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to commit, per (topic, partition)
         self.caught_up: dict[int, bool] = {}
         self.last_commit = time.monotonic()
@@ -76,6 +99,10 @@ class AlarmEngine:
         io.on_revoke = self.revoke
         io.on_lost = self.lost
         self._suspended: dict[int, dict[str, R.DeviceState]] = {}
+        self._epoch = _Epoch()
+        # a checkpoint whose snapshots were produced but not yet confirmed: (its epoch, offsets to commit, started)
+        self._inflight: tuple[_Epoch, dict[tuple[str, int], int], float] | None = None
+        self.delivery_errors = 0  # sticky: after a lost record nothing is committed (the input is replayed)
 
     # --- partitions -----------------------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:
@@ -96,7 +123,7 @@ class AlarmEngine:
                 restored[p].pop(key, None)
                 continue
             try:
-                restored[p][key] = R.DeviceState.from_dict(json.loads(value))
+                restored[p][key] = R.DeviceState.from_dict(_loads(value))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("changelog record for %s unreadable, state reset: %s", key, exc)
         for p in new:
@@ -127,7 +154,10 @@ class AlarmEngine:
             self.parts.pop(p, None)
             self._suspended.pop(p, None)
             self._forget_offsets(p)
-        self.dirty = {d: v for d, v in self.dirty.items() if v[0] not in partitions}
+        self.dirty = {d: p for d, p in self.dirty.items() if p not in partitions}
+        if self._inflight is not None:
+            epoch, offsets, started = self._inflight
+            self._inflight = (epoch, {tp: o for tp, o in offsets.items() if tp[1] not in partitions}, started)
         self._update_active()
 
     def _forget_offsets(self, p: int) -> None:
@@ -136,28 +166,86 @@ class AlarmEngine:
         self.caught_up.pop(p, None)
 
     # --- records ------------------------------------------------------------------------------------------
-    def process(self, records: list[Record]) -> None:
-        topics = self.topics
-        telemetry, status, alarms = topics.telemetry, topics.status, topics.alarms
-        catalog = self.catalog()
-        offsets = self.offsets
-        now_ms = int(self.clock() * 1000)
-        newest: dict[int, int] = {}
-        for record in records:
-            topic, p = record.topic, record.partition
-            offsets[(topic, p)] = record.offset + 1
-            newest[p] = record.timestamp_ms
-            if topic == telemetry:
-                self._reading(record, catalog, now_ms)
-            elif topic == status:
-                self._status(record, catalog)
-            elif topic == alarms:
-                self._external(record)
-        for p, ts in newest.items():  # a partition whose newest record is recent has caught up (nodata may run)
-            self.caught_up[p] = now_ms - ts < 10_000
+    def process(self, records: list[tuple]) -> None:
+        """Records as :meth:`StreamIO.poll` returns them: ``(topic, partition, offset, key, value, timestamp_ms,
+        raw)``. Telemetry (nearly every record) is handled inline: this loop is the service's hot path."""
         if not records:
             for p in self.parts:
                 self.caught_up[p] = True
+            return
+        topics = self.topics
+        telemetry, status, alarms = topics.telemetry, topics.status, topics.alarms
+        catalog = self.catalog()
+        rules_for = catalog.rules_for
+        parts = self.parts
+        dirty = self.dirty
+        offsets = self.offsets
+        apply_reading = R.apply_reading
+        loads = _loads
+        now_ms = int(self.clock() * 1000)
+        future_ms = MAX_FUTURE_MS
+        newest: dict[int, int] = {}
+        applied = late = duplicates = invalid = 0
+        for topic, p, offset, device, value, seen, raw in records:
+            offsets[(topic, p)] = offset + 1
+            newest[p] = seen
+            if topic != telemetry:
+                if topic == status:
+                    self._status(p, device, value, seen, raw, catalog)
+                elif topic == alarms:
+                    self._external(p, device, value, raw)
+                continue
+            if not device:
+                continue
+            part = parts.get(p)
+            if part is None:
+                part = parts[p] = {}
+            dev = part.get(device)
+            rules = rules_for(device)
+            if dev is None:
+                if not rules:
+                    if self.on_unknown_device is not None and catalog.tenant(device) is None:
+                        self.on_unknown_device()  # maybe provisioned a moment ago: reload the device map soon
+                    continue  # unknown device or no rules, and nothing to clear
+                dev = part[device] = R.DeviceState()
+            try:
+                data = loads(value)  # the bridge validated it with cloud.schema: only what the rules need
+                boot, seq, ts = data.get("boot"), data.get("seq"), data.get("ts")
+            except _BAD_INPUT:
+                invalid += 1
+                continue
+            if not seen:
+                seen = now_ms
+            if type(ts) is not int or ts > seen + future_ms:
+                ts = seen  # unsynced device clock (or one far ahead): the time the reading entered the backbone
+            if type(boot) is not int or type(seq) is not int:
+                boot = seq = None
+            result, changes = apply_reading(device, dev, rules, boot, seq, ts, data, seen)
+            if result == "duplicate":
+                duplicates += 1
+                continue
+            if result == "late":
+                late += 1
+            else:
+                applied += 1
+            dirty[device] = p
+            if changes:
+                self._emit(device, catalog, changes)
+        counts = self.counts
+        counts["readings"] += applied + late
+        counts["late"] += late
+        counts["duplicates"] += duplicates
+        if applied:  # Prometheus once per batch, not per record
+            _READINGS_APPLIED.inc(applied)
+        if late:
+            _READINGS_LATE.inc(late)
+        if duplicates:
+            _READINGS_DUPLICATE.inc(duplicates)
+        if invalid:
+            counts["invalid"] += invalid
+            INVALID.labels(telemetry).inc(invalid)
+        for p, ts in newest.items():  # a partition whose newest record is recent has caught up (nodata may run)
+            self.caught_up[p] = now_ms - ts < 10_000
 
     def _state(self, p: int, device: str, create: bool) -> R.DeviceState | None:
         part = self.parts.get(p)
@@ -168,74 +256,40 @@ class AlarmEngine:
             dev = part[device] = R.DeviceState()
         return dev
 
-    def _reading(self, record: Record, catalog: Catalog, now_ms: int) -> None:
-        device = record.key
-        rules = catalog.rules_for(device) if device else ()
-        dev = self._state(record.partition, device, create=bool(rules)) if device else None
-        if dev is None:
-            if device and self.on_unknown_device is not None and catalog.tenant(device) is None:
-                self.on_unknown_device()  # maybe provisioned a moment ago: reload the device map soon
-            return  # unknown device or no rules, and nothing to clear
-        try:
-            data = _decode(record.value.decode("utf-8"))[0]  # the bridge validated it: skip json.loads' extras
-            boot, seq, ts = data.get("boot"), data.get("seq"), data.get("ts")
-        except (ValueError, AttributeError, TypeError, IndexError):
-            self.counts["invalid"] += 1
-            INVALID.labels(record.topic).inc()
-            return
-        seen = record.timestamp_ms or now_ms
-        if not isinstance(ts, int) or isinstance(ts, bool) or ts > seen + MAX_FUTURE_MS:
-            ts = seen  # unsynced device clock (or one far ahead): the time the reading entered the backbone
-        if not isinstance(boot, int) or not isinstance(seq, int):
-            boot = seq = None
-        result, changes = R.apply_reading(device, dev, rules, boot, seq, ts, data, seen)
-        if result == "duplicate":
-            self.counts["duplicates"] += 1
-            READINGS.labels("duplicate").inc()
-            return
-        self.counts["readings"] += 1
-        if result == "late":
-            self.counts["late"] += 1
-            READINGS.labels("late").inc()
-        self.dirty[device] = (record.partition, dev)
-        if changes:
-            self._emit(device, catalog, changes)
-
-    def _status(self, record: Record, catalog: Catalog) -> None:
-        device = record.key
+    def _status(self, p: int, device: str | None, value: bytes, seen: int, raw, catalog: Catalog) -> None:
         if not device:
             return
         rules = catalog.rules_for(device)
-        dev = self._state(record.partition, device, create=bool(rules))
+        dev = self._state(p, device, create=bool(rules))
         if dev is None:
             return
         try:
-            data = json.loads(record.value)
+            data = _loads(value)
             state = data.get("state")
-        except (ValueError, AttributeError, TypeError):
+        except _BAD_INPUT:
             state = None
         if state not in ("online", "offline"):
             self.counts["invalid"] += 1
-            INVALID.labels(record.topic).inc()
+            INVALID.labels(self.topics.status).inc()
             return
-        changes = R.apply_status(device, dev, rules, state == "online", record.timestamp_ms or int(self.clock() * 1000))
-        self.dirty[device] = (record.partition, dev)
+        changes = R.apply_status(device, dev, rules, state == "online", seen or int(self.clock() * 1000))
+        self.dirty[device] = p
         if changes:
             self._emit(device, catalog, changes)
 
-    def _external(self, record: Record) -> None:
-        if record.headers.get(SOURCE_HEADER) == SOURCE or not record.key:
+    def _external(self, p: int, device: str | None, value: bytes, raw) -> None:
+        if not device or self.io.headers(raw).get(SOURCE_HEADER) == SOURCE:
             return  # our own events
         try:
-            data = json.loads(record.value)
+            data = _loads(value)
             state, rule, alarm = data.get("state"), data.get("rule"), data.get("alarm_id")
-        except (ValueError, AttributeError, TypeError):
+        except _BAD_INPUT:
             return
         if state not in ("acknowledged", "cleared"):
             return
-        dev = self._state(record.partition, record.key, create=False)
+        dev = self._state(p, device, create=False)
         if dev is not None and R.apply_external(dev, rule, alarm, state):
-            self.dirty[record.key] = (record.partition, dev)
+            self.dirty[device] = p
 
     def tick(self) -> None:
         """Timer (about once a second): nodata, offline-for-duration, alarms of removed rules. Partitions still
@@ -247,24 +301,26 @@ class AlarmEngine:
                 continue
             for device, dev in part.items():
                 rules = catalog.rules_for(device)
+                if rules is dev.ruleset and not dev.timed:
+                    continue  # same rules as last time and none on a timer: apply_tick would change nothing
                 if not rules and not dev.rules:
                     continue
                 changes = R.apply_tick(device, dev, rules, now_ms)
                 if changes:
-                    self.dirty[device] = (p, dev)
+                    self.dirty[device] = p
                     self._emit(device, catalog, changes)
 
     # --- output ---------------------------------------------------------------------------------------------
     def _emit(self, device: str, catalog: Catalog, changes: list[R.Change]) -> None:
         tenant = catalog.tenant(device)
-        io = self.io
+        tenant = str(tenant) if tenant is not None else ""
         alarms_topic = self.topics.alarms
         for c in changes:
-            event = AlarmEvent(alarm_id=c.alarm_id, device=device, tenant=str(tenant) if tenant is not None else "",
-                               rule=c.rule, metric=c.metric,
-                               value=float(c.value) if c.value is not None else None, threshold=c.threshold,
-                               severity=c.severity, state=c.state, ts=c.ts)
-            io.produce(alarms_topic, device, event.to_json(), {SOURCE_HEADER: SOURCE})
+            # the fields of cloud.schema.AlarmEvent (tests/alarms check that parse_alarm_event reads it back equal)
+            event = {"v": VERSION, "alarm_id": c.alarm_id, "device": device, "tenant": tenant, "rule": c.rule,
+                     "metric": c.metric, "value": float(c.value) if c.value is not None else None,
+                     "threshold": c.threshold, "severity": c.severity, "state": c.state, "ts": c.ts}
+            self._produce(alarms_topic, device, _dumps(event), _SOURCE_HEADERS)
             self.counts["events"] += 1
             EVENTS.labels(c.state).inc()
             command = R.thaw_command(c.command)
@@ -277,33 +333,81 @@ class AlarmEngine:
                     continue
                 cid = str(uuid.uuid5(_CMD_NS, f"{c.alarm_id}:{c.state}"))  # same command on a replay
                 cmd = Command(cid=cid, op=op, args=args, exp=int(self.clock() * 1000) + COMMAND_TTL_S * 1000)
-                io.produce(self.topics.control, device, cmd.to_json(), {SOURCE_HEADER: SOURCE})
+                self._produce(self.topics.control, device, cmd.to_json(), _SOURCE_HEADERS)
                 self.counts["commands"] += 1
 
-    def checkpoint(self) -> None:
-        """Snapshots of the dirty devices -> changelog, flush everything, then commit the input offsets."""
-        io = self.io
-        for device, (p, dev) in self.dirty.items():
-            if p not in self.parts:
+    def _produce(self, topic: str, key: str, value: bytes, headers: dict[str, str] | None = None,
+                 partition: int | None = None) -> None:
+        epoch = self._epoch
+        epoch.outstanding += 1
+        self.io.produce(topic, key, value, headers, partition, epoch.done)
+
+    def _snapshot_dirty(self) -> None:
+        parts = self.parts
+        changelog = self.changelog
+        produce = self._produce
+        for device, p in self.dirty.items():
+            dev = parts.get(p, _NO_DEVICES).get(device)
+            if dev is None:  # partition revoked or lost meanwhile
                 continue
-            io.produce(self.changelog, device,
-                       json.dumps(dev.to_dict(), separators=(",", ":")).encode(), None, partition=p)
+            produce(changelog, device, _dumps(dev.to_dict()), None, p)
         self.dirty = {}
-        remaining = io.flush(30.0)
-        if remaining:
-            raise RuntimeError(f"{remaining} records not delivered within 30 s; offsets not committed")
-        if getattr(io, "producer_errors", 0):
+
+    def _check_deliveries(self, epoch: _Epoch) -> None:
+        self.delivery_errors += epoch.errors
+        epoch.errors = 0
+        if self.delivery_errors or getattr(self.io, "producer_errors", 0):
             raise RuntimeError("a produce failed; offsets not committed (input will be replayed)")
-        assigned = {(t, p): o for (t, p), o in self.offsets.items() if p in self.parts}
-        io.commit(assigned)
-        self.offsets = {}
+
+    def _committed(self) -> None:
         self.last_commit = time.monotonic()
         self.counts["checkpoints"] += 1
         self._update_active()  # O(states): once per checkpoint, not per event
 
+    def checkpoint(self) -> None:
+        """Synchronous: snapshots of the dirty devices -> changelog, flush everything, then commit the input
+        offsets (also those of a checkpoint still in flight). On revoke, on stop, and in the tests."""
+        self._snapshot_dirty()
+        remaining = self.io.flush(30.0)
+        if remaining:
+            raise RuntimeError(f"{remaining} records not delivered within 30 s; offsets not committed")
+        epoch, self._epoch = self._epoch, _Epoch()
+        inflight, self._inflight = self._inflight, None
+        offsets = {}
+        if inflight is not None:
+            self._check_deliveries(inflight[0])
+            offsets.update(inflight[1])
+        self._check_deliveries(epoch)
+        offsets.update(self.offsets)  # newer than the in-flight ones
+        self.io.commit({(t, p): o for (t, p), o in offsets.items() if p in self.parts})
+        self.offsets = {}
+        self._committed()
+
     def maybe_checkpoint(self) -> None:
+        """The service loop's checkpoint, in two steps so that processing never waits for Kafka: (1) every
+        ``commit_interval`` seconds, produce the snapshots of the dirty devices and set the input offsets reached
+        so far aside, with the epoch of records produced since the last checkpoint; (2) on a later call, once
+        every record of that epoch has its delivery report (served by ``io.serve()``) and none failed, commit
+        those offsets. Committed input is therefore always covered by durable events and state, as with
+        :meth:`checkpoint`."""
+        inflight = self._inflight
+        if inflight is not None:
+            epoch, offsets, started = inflight
+            if epoch.outstanding > 0:
+                if time.monotonic() - started > 30.0:
+                    raise RuntimeError(f"{epoch.outstanding} records not delivered within 30 s; "
+                                       f"offsets not committed")
+                return
+            self._check_deliveries(epoch)
+            self._inflight = None
+            self.io.commit({(t, p): o for (t, p), o in offsets.items() if p in self.parts}, asynchronous=True)
+            self._committed()
         if time.monotonic() - self.last_commit >= self.commit_interval and (self.dirty or self.offsets):
-            self.checkpoint()
+            self._snapshot_dirty()
+            epoch, self._epoch = self._epoch, _Epoch()
+            self._inflight = (epoch, self.offsets, time.monotonic())
+            self.offsets = {}
+            self.last_commit = time.monotonic()
 
     # --- introspection ------------------------------------------------------------------------------------
     def _update_active(self) -> None:

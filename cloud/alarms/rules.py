@@ -263,7 +263,9 @@ class RuleState:
         self.value: float | None = None
         self.threshold: float | None = None
         self.pending: int | None = None  # event time of the first violating reading not yet long enough
-        self.samples: list[list[float]] | None = None  # rate window [[ts, value], ...]
+        # rate window [(ts, value), ...]: tuples of numbers, which the garbage collector stops tracking (lists
+        # of lists kept tens of thousands of new long-lived objects a second in its oldest generation)
+        self.samples: list[tuple[int, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"k": self.kind, "m": self.metric}
@@ -287,13 +289,14 @@ class RuleState:
         rs.value = d.get("v")
         rs.threshold = d.get("th")
         rs.pending = d.get("pd")
-        rs.samples = d.get("sm")
+        sm = d.get("sm")
+        rs.samples = [(s[0], s[1]) for s in sm] if sm else None
         return rs
 
 
 class DeviceState:
     """Everything the engine remembers about one device; snapshotted to the changelog after each change."""
-    __slots__ = ("boot", "seq", "max_ts", "seen", "online", "offline_since", "rules", "ruleset")
+    __slots__ = ("boot", "seq", "max_ts", "seen", "online", "offline_since", "rules", "ruleset", "plan", "timed")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -304,6 +307,8 @@ class DeviceState:
         self.offline_since: int | None = None
         self.rules: dict[str, RuleState] = {}
         self.ruleset: tuple | None = None  # the rules tuple last reconciled against (not persisted)
+        self.plan: tuple = ()  # the rules compiled against this device's rule states (see _compile; not persisted)
+        self.timed = False  # whether the plan has nodata/offline rules, i.e. whether the timer has work here
 
     def active(self) -> Iterable[tuple[str, RuleState]]:
         return ((n, rs) for n, rs in self.rules.items() if rs.alarm is not None)
@@ -314,7 +319,9 @@ class DeviceState:
             d["o"] = 1 if self.online else 0
         if self.offline_since is not None:
             d["os"] = self.offline_since
-        rules = {n: rs.to_dict() for n, rs in self.rules.items()}
+        # a rule state with nothing in it (no alarm, nothing pending, no samples) is the same as none
+        rules = {n: rs.to_dict() for n, rs in self.rules.items()
+                 if rs.alarm is not None or rs.pending is not None or rs.samples}
         if rules:
             d["r"] = rules
         return d
@@ -383,23 +390,56 @@ def _state_for(dev: DeviceState, spec: RuleSpec) -> RuleState:
 
 
 def reconcile(device: str, dev: DeviceState, rules: tuple[RuleSpec, ...], ts: int) -> list[Change]:
-    """Rules removed, disabled or changed to another kind/metric: clear their alarms and forget their state."""
+    """Rules removed, disabled or changed to another kind/metric: clear their alarms and forget their state.
+    Then compile the device's plan for the new rules."""
     changes: list[Change] = []
     if rules is dev.ruleset:  # the catalog hands out the same tuple until the rules change: nothing to do
         return changes
     dev.ruleset = rules
-    if not dev.rules:
-        return changes
-    by_name = {r.name: r for r in rules}
-    for name in list(dev.rules):
-        rs = dev.rules[name]
-        spec = by_name.get(name)
-        if spec is not None and spec.kind == rs.kind and spec.metric == rs.metric:
-            continue
-        if rs.alarm is not None:
-            changes.append(_clear(name, rs, None, ts))
-        del dev.rules[name]
+    if dev.rules:
+        by_name = {r.name: r for r in rules}
+        for name in list(dev.rules):
+            rs = dev.rules[name]
+            spec = by_name.get(name)
+            if spec is not None and spec.kind == rs.kind and spec.metric == rs.metric:
+                continue
+            if rs.alarm is not None:
+                changes.append(_clear(name, rs, None, ts))
+            del dev.rules[name]
+    dev.plan = _compile(dev, rules)
+    dev.timed = any(step[0] == _LIVENESS for step in dev.plan)
     return changes
+
+
+_THRESHOLD, _RATE, _LIVENESS = 0, 1, 2
+_INF = float("inf")
+
+
+def _compile(dev: DeviceState, rules: tuple[RuleSpec, ...]) -> tuple:
+    """Per device and rule set: one tuple per rule with its RuleState and the numbers the reading path needs,
+    so a reading costs no kind dispatch by name, no RuleState lookup and no None checks on the bounds.
+    (Every rule gets its RuleState now; an empty one is the same as none and is not snapshotted.)
+
+    threshold: (_THRESHOLD, spec, rs, metric, max or +inf, min or -inf, max - hysteresis, min + hysteresis)
+    rate:      (_RATE, spec, rs, metric, window ms, rate_per_min, rate_per_min - hysteresis, window / 2)
+    nodata, offline (cleared by any reading): (_LIVENESS, spec, rs, None, ...)
+    The bounds are compared exactly as before: inf never crosses, and a missing bound always allows clearing.
+    """
+    plan = []
+    for spec in rules:
+        rs = _state_for(dev, spec)
+        kind = spec.kind
+        if kind == "threshold":
+            hi = spec.max if spec.max is not None else _INF
+            lo = spec.min if spec.min is not None else -_INF
+            plan.append((_THRESHOLD, spec, rs, spec.metric, hi, lo, hi - spec.hysteresis, lo + spec.hysteresis))
+        elif kind == "rate":
+            window = spec.duration_ms or DEFAULT_RATE_WINDOW_S * 1000
+            limit = spec.rate_per_min or 0.0
+            plan.append((_RATE, spec, rs, spec.metric, window, limit, limit - spec.hysteresis, window / 2))
+        else:
+            plan.append((_LIVENESS, spec, rs, None, None, None, None, None))
+    return tuple(plan)
 
 
 def _round(value: float) -> float:
@@ -408,46 +448,40 @@ def _round(value: float) -> float:
 
 def apply_reading(device: str, dev: DeviceState, rules: tuple[RuleSpec, ...], boot: int | None, seq: int | None,
                   ts: int, values: Mapping[str, Any], seen: int) -> tuple[str, list[Change]]:
-    """One reading. Returns ("applied" | "duplicate" | "late", changes)."""
+    """One reading. Returns ("applied" | "duplicate" | "late", changes).
+
+    The hot path of the service (every reading, every rule): it runs the device's compiled plan (see
+    :func:`_compile`). A metric is evaluated only when it is a number (int or float, not bool)."""
     if boot is not None and seq is not None and boot == dev.boot and dev.seq is not None and seq <= dev.seq:
         return "duplicate", []
-    changes = reconcile(device, dev, rules, ts)
+    changes = reconcile(device, dev, rules, ts) if rules is not dev.ruleset else []
     if dev.seen is None or seen > dev.seen:
         dev.seen = seen
-    late = dev.max_ts is not None and ts < dev.max_ts
-    if boot is not None and seq is not None and not late:
-        dev.boot, dev.seq = boot, seq
+    max_ts = dev.max_ts
+    late = max_ts is not None and ts < max_ts
+    if not late:
+        if boot is not None and seq is not None:
+            dev.boot, dev.seq = boot, seq
+        dev.max_ts = ts
     if dev.online is False:
         dev.online = True
         dev.offline_since = None
-    for spec in rules:
-        kind = spec.kind
-        if kind == "nodata" or kind == "offline":
-            rs = dev.rules.get(spec.name)
-            if rs is not None and (rs.alarm is not None or rs.pending is not None):
-                rs.pending = None
-                if rs.alarm is not None:
-                    changes.append(_clear(spec.name, rs, None, ts, spec.on_clear))
-            continue
-        if late:
-            continue
-        value = values.get(spec.metric)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        rs = dev.rules.get(spec.name)
-        if rs is None:
-            rs = dev.rules[spec.name] = RuleState(kind, spec.metric)
-        if kind == "threshold":
-            hi, lo = spec.max, spec.min
+    for code, spec, rs, metric, a, b, c, d in dev.plan:
+        if code == _THRESHOLD:  # a = max, b = min, c = max - hysteresis, d = min + hysteresis
+            if late:
+                continue
+            value = values.get(metric)
+            tv = type(value)
+            if tv is not float and tv is not int:
+                continue  # missing, null, bool or not a number
             if rs.alarm is not None:
-                hyst = spec.hysteresis
-                if (hi is None or value <= hi - hyst) and (lo is None or value >= lo + hyst):
+                if value <= c and value >= d:
                     changes.append(_clear(spec.name, rs, value, ts, spec.on_clear))
                 continue
-            if hi is not None and value > hi:
-                bound = hi
-            elif lo is not None and value < lo:
-                bound = lo
+            if value > a:
+                bound = a
+            elif value < b:
+                bound = b
             else:
                 rs.pending = None
                 continue
@@ -455,35 +489,42 @@ def apply_reading(device: str, dev: DeviceState, rules: tuple[RuleSpec, ...], bo
                 rs.pending = ts
             if ts - rs.pending >= spec.duration_ms:
                 changes.append(_raise(device, spec, rs, value, bound, ts))
-        else:  # rate
-            window = spec.duration_ms or DEFAULT_RATE_WINDOW_S * 1000
+        elif code == _RATE:  # a = window ms, b = rate_per_min, c = rate_per_min - hysteresis, d = window / 2
+            if late:
+                continue
+            value = values.get(metric)
+            tv = type(value)
+            if tv is not float and tv is not int:
+                continue
             samples = rs.samples
             if samples is None:
                 samples = rs.samples = []
-            cutoff = ts - window
+            cutoff = ts - a
             while len(samples) > 1 and samples[1][0] <= cutoff:
                 del samples[0]  # keep one sample at or before the window start so the span approaches the window
-            if samples and samples[0][0] < cutoff - window:
+            if samples and samples[0][0] < cutoff - a:
                 del samples[0]  # a gap longer than the window: that old sample says nothing about this minute
             rate = None
             if samples:
-                span = ts - samples[0][0]
-                if span >= window / 2:
-                    rate = (value - samples[0][1]) * 60_000 / span
-            if not samples or ts - samples[-1][0] >= window / MAX_SAMPLES:
-                samples.append([ts, value])
+                first = samples[0]
+                span = ts - first[0]
+                if span >= d:
+                    rate = (value - first[1]) * 60_000 / span
+            if not samples or ts - samples[-1][0] >= a / MAX_SAMPLES:
+                samples.append((ts, value))
                 if len(samples) > MAX_SAMPLES + 1:
                     del samples[0]
             if rate is None:
                 continue
-            limit = spec.rate_per_min or 0.0
             if rs.alarm is not None:
-                if abs(rate) <= limit - spec.hysteresis:
+                if abs(rate) <= c:
                     changes.append(_clear(spec.name, rs, _round(rate), ts, spec.on_clear))
-            elif abs(rate) > limit:
-                changes.append(_raise(device, spec, rs, _round(rate), limit, ts))
-    if not late:
-        dev.max_ts = ts
+            elif abs(rate) > b:
+                changes.append(_raise(device, spec, rs, _round(rate), b, ts))
+        elif rs.alarm is not None or rs.pending is not None:  # nodata, offline: any reading proves the device
+            rs.pending = None
+            if rs.alarm is not None:
+                changes.append(_clear(spec.name, rs, None, ts, spec.on_clear))
     return ("late" if late else "applied"), changes
 
 

@@ -64,7 +64,7 @@ def test_kafka_crash_after_snapshot_before_commit_replays_idempotently(kafka_rig
     rig = kafka_rig([HOT])
     a = rig.start()
     rig.wait_assigned()
-    a.io.commit = lambda offsets: None  # every checkpoint writes the snapshots, then "dies" before the commit
+    a.io.commit = lambda offsets, asynchronous=False: None  # every checkpoint writes the snapshots, then "dies" before the commit
     rig.send("d1", 1, 0, t=25)
     rig.send("d1", 2, 10, t=35)
     assert [e["state"] for e in rig.collect(until=1)] == ["raised"]

@@ -36,6 +36,13 @@ SCENARIOS = [
      [("r", 0, {"t": 20}), ("r", 20, {"t": 20.2}), ("r", 40, {"t": 20.5}), ("r", 60, {"t": 21}),
       ("r", 80, {"t": 24}), ("r", 100, {"t": 24.5}), ("r", 140, {"t": 24.1}), ("r", 200, {"t": 24.2})],
      [("heating", "raised", 3.8), ("heating", "cleared", None)]),
+    ("rate-of-change-across-a-restart", [{"name": "heating", "kind": "rate", "metric": "t", "rate_per_min": 2}],
+     [("r", 0, {"t": 20}), ("r", 20, {"t": 20.2}), ("r", 40, {"t": 20.5}), ("restart",), ("r", 60, {"t": 21}),
+      ("r", 80, {"t": 24}), ("restart",), ("r", 100, {"t": 24.5}), ("r", 140, {"t": 24.1}), ("r", 200, {"t": 24.2})],
+     [("heating", "raised", 3.8), ("heating", "cleared", None)]),
+    ("non-numeric-metric-is-not-evaluated", [HOT],
+     [("r", 0, {"t": True}), ("r", 10, {"t": "35"}), ("r", 20, {"h": 50}), ("r", 30, {"t": 35})],
+     [("hot", "raised", 35)]),
     ("offline-via-last-will", [{"name": "offline", "kind": "offline", "severity": "warning"}],
      [("r", 0, {"t": 20}), ("status", "offline"), ("status", "offline"), ("status", "online")],
      [("offline", "raised", None), ("offline", "cleared", None)]),
@@ -181,7 +188,7 @@ def test_commands_on_raise_and_clear(memory_rig):
 
 def test_crash_after_snapshot_before_commit_replays_without_duplicates(memory_rig):
     rig = memory_rig([HOT])
-    rig.io.commit = lambda offsets: None  # the process dies after every snapshot, before any commit
+    rig.io.commit = lambda offsets, asynchronous=False: None  # the process dies after every snapshot, before any commit
     rig.send("d1", 0, t=25)
     rig.send("d1", (time.time() * 1000 - rig.base) / 1000 + 1, t=35)  # the device clock is right again
     assert [e["state"] for e in rig.drain()[0]] == ["raised"]
@@ -196,3 +203,79 @@ def test_future_device_clock_does_not_block_later_readings(memory_rig):
     rig.send("d1", 10 * 86_400, t=20)  # a clock 10 days ahead: backbone time is used instead
     rig.send("d1", (time.time() * 1000 - rig.base) / 1000 + 1, t=35)  # the device clock is right again
     assert [e["state"] for e in rig.drain()[0]] == ["raised"]
+
+
+def test_events_are_alarm_events_of_the_schema(memory_rig):
+    """The engine writes its events itself (orjson, no dataclass round trip): cloud.schema must read every one
+    back as the same AlarmEvent, with no field missing or extra."""
+    import dataclasses
+    import json
+
+    from cloud.schema import VERSION, AlarmEvent, parse_alarm_event
+
+    rig = memory_rig([HOT, {"name": "heating", "kind": "rate", "metric": "t", "rate_per_min": 2}])
+    for i, t in enumerate((20, 20, 20, 20, 35, 36, 20, 20)):
+        rig.send("d1", i * 20, t=t)
+    raw = [r for r in rig.out.poll_batch(1000, 0) if r.topic == rig.topics.alarms]
+    assert {(json.loads(r.value)["rule"], json.loads(r.value)["state"]) for r in raw} == \
+        {("hot", "raised"), ("hot", "cleared"), ("heating", "raised"), ("heating", "cleared")}
+    for r in raw:
+        data = json.loads(r.value)
+        event = parse_alarm_event(r.value)
+        assert data == {"v": VERSION, **dataclasses.asdict(event)}
+        assert set(data) == {"v"} | {f.name for f in dataclasses.fields(AlarmEvent)}
+
+
+def _unpumped(rig, device: str, at_s: float, t: float) -> None:
+    """A reading processed by the engine without the rig's synchronous checkpoint."""
+    from tests.alarms.conftest import reading
+
+    seq = rig.seq[device] = rig.seq.get(device, 0) + 1
+    rig.producer.produce(rig.topics.telemetry, device, reading(device, seq, at_s, t=t))
+    rig.engine.process(rig.io.poll(1000, 0))
+
+
+def test_pipelined_checkpoint_commits_only_after_every_record_is_delivered(memory_rig):
+    rig = memory_rig([HOT])
+    commits: list[dict] = []
+    real_commit = rig.io.commit
+    rig.io.commit = lambda offsets, asynchronous=False: (commits.append(dict(offsets)),
+                                                         real_commit(offsets, asynchronous))
+    _unpumped(rig, "d1", 0, 35)  # raises: an event waits for its delivery report
+    rig.engine.maybe_checkpoint()  # snapshots produced, offsets set aside
+    assert rig.engine.dirty == {} and commits == []
+    rig.engine.maybe_checkpoint()  # nothing delivered yet (the reports are served by io.serve)
+    assert commits == []
+    _unpumped(rig, "d1", 10, 36)  # input read meanwhile is not part of this checkpoint
+    rig.io.serve()
+    rig.engine.maybe_checkpoint()
+    assert len(commits) == 1
+    ((topic, _p), offset), = commits[0].items()
+    assert topic == rig.topics.telemetry and offset == 1
+    rig.engine.checkpoint()  # the synchronous one (revoke, stop) commits the rest
+    assert len(commits) == 2 and commits[1][(topic, _p)] == 2
+
+
+def test_failed_delivery_is_never_committed(memory_rig):
+    from cloud.bus import BusError
+
+    rig = memory_rig([HOT])
+    commits: list[dict] = []
+    rig.io.commit = lambda offsets, asynchronous=False: commits.append(dict(offsets))
+    real_produce = rig.io.produce
+
+    def broker_loses_snapshots(topic, key, value, headers=None, partition=None, on_delivery=None):
+        if topic == "alarms-state" and on_delivery is not None:
+            report = on_delivery
+            on_delivery = lambda _err, record: report(BusError("not enough replicas"), record)  # noqa: E731
+        real_produce(topic, key, value, headers, partition, on_delivery)
+
+    rig.io.produce = broker_loses_snapshots
+    _unpumped(rig, "d1", 0, 35)
+    rig.engine.maybe_checkpoint()
+    rig.io.serve()
+    with pytest.raises(RuntimeError, match="not committed"):
+        rig.engine.maybe_checkpoint()
+    with pytest.raises(RuntimeError, match="not committed"):
+        rig.engine.checkpoint()
+    assert commits == []
