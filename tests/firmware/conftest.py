@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from cloud.nativestack import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE = REPO / "firmware"
 MPY_LIB = REPO / "build" / "mpy-lib"
@@ -42,12 +44,6 @@ def wait_for(pred, timeout=10.0, step=0.05, what="condition"):
             return v
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
