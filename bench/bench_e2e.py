@@ -5,7 +5,7 @@
 
 What runs (all natively on loopback, cloud.nativestack): Mosquitto 2 with per-device accounts and ACLs
 (SecureMosquitto: devices on the device listener, the bridge on the service listener), Apache Kafka (KRaft),
-PostgreSQL (fsync off like the test fixtures; track_commit_timestamp on, see below) and Redis; then
+PostgreSQL (fsync on as in production; track_commit_timestamp on, see below) and Redis; then
 ``python -m cloud kafka-init``, ``db upgrade``, and the services ``bridge``, ``writer``, ``alarms`` as processes.
 
 The fleet: ``--devices`` synthetic devices (cloud.loadgen: one MQTT connection and one account per device, QoS 1),
@@ -263,7 +263,7 @@ class Stack:
         if not self.secure:
             self.mq = nativestack.Mosquitto(w / "mosquitto", config_extra=BROKER_CONF)
         self.kafka = nativestack.Kafka(w / "kafka", libs=nativestack.kafka_libs_dir(fetch=True))
-        self.pg = nativestack.Postgres(w / "postgres", settings={"track_commit_timestamp": "on"})
+        self.pg = nativestack.Postgres(w / "postgres", fsync=True, settings={"track_commit_timestamp": "on"})
         self.redis = nativestack.Redis(w / "redis")
         # from the main thread: only then do the children get PR_SET_PDEATHSIG (nothing outlives a killed bench)
         for svc in (self.mq, self.pg, self.redis, self.kafka):

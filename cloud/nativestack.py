@@ -1236,15 +1236,17 @@ class Prometheus(Service):
 # --------------------------------------------------------------------------------------------------
 
 
-def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None, secure: bool = False) -> list[Service]:
+def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None, secure: bool = False,
+              durable: bool = False) -> list[Service]:
     """Start Mosquitto (``secure``: :class:`SecureMosquitto`), PostgreSQL, Redis and Kafka under ``base``;
-    all or nothing."""
+    all or nothing. ``durable``: PostgreSQL with fsync on, as in production (the tests leave it off for speed;
+    a process crash loses nothing either way, only a machine crash would)."""
     base = Path(base)
     services: list[Service] = []
     try:
         for factory in (
             lambda: SecureMosquitto(base / "mosquitto") if secure else Mosquitto(base / "mosquitto"),
-            lambda: Postgres(base / "postgres"),
+            lambda: Postgres(base / "postgres", fsync=durable),
             lambda: Redis(base / "redis"),
             lambda: Kafka(base / "kafka", libs=kafka_libs or kafka_libs_dir(fetch=True)),
         ):
@@ -1339,13 +1341,15 @@ class Platform:
     SERVICES = ("bridge", "writer", "alarms", "web")
 
     def __init__(self, base: str | os.PathLike, *, kafka_libs: str | None = None, web_port: int | None = None,
-                 services: Sequence[str] = SERVICES, secret_key: str | None = None, extra_env=None):
+                 services: Sequence[str] = SERVICES, secret_key: str | None = None, extra_env=None,
+                 durable: bool = False):
         self.base = Path(base).resolve()
         self.kafka_libs = kafka_libs
         self.web_port = web_port
         self.service_names = list(services)
         self.secret_key = secret_key
         self.extra_env = dict(extra_env or {})
+        self.durable = durable
         self.backing: list[Service] = []
         self.services: dict[str, PlatformService] = {}
         self.watcher = None
@@ -1380,7 +1384,7 @@ class Platform:
 
         self.base.mkdir(parents=True, exist_ok=True)
         try:
-            self.backing = start_all(self.base, kafka_libs=self.kafka_libs, secure=True)
+            self.backing = start_all(self.base, kafka_libs=self.kafka_libs, secure=True, durable=self.durable)
             env = self.env()
             logs = self.base / "jobs.log"
             run_once(["cloud", "kafka-init"], env, logs)
@@ -1446,7 +1450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     platform: Platform | None = None
     try:
         if args.backing_only:
-            services = start_all(args.dir, kafka_libs=args.kafka_libs)
+            services = start_all(args.dir, kafka_libs=args.kafka_libs, durable=True)
             env: dict[str, str] = {}
             for svc in services:
                 env.update(svc.env())
@@ -1455,7 +1459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not port_is_free(web_port):
                 taken, web_port = web_port, free_port()
                 print(f"nativestack: port {taken} is taken, the dashboard uses {web_port}", file=sys.stderr)
-            platform = Platform(args.dir, kafka_libs=args.kafka_libs, web_port=web_port).start()
+            platform = Platform(args.dir, kafka_libs=args.kafka_libs, web_port=web_port, durable=True).start()
             services = platform.running()
             env = platform.env()
     except ServiceStartError as exc:
