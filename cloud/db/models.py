@@ -124,9 +124,13 @@ class Telemetry(Base):
     # True when ts is the cloud's estimate (device clock unsynced or implausible), not the device clock
     ts_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
 
+    # PostgreSQL: the primary key (device_id, ts, boot, seq) answers "this device, newest first" and device time
+    # ranges, and a BRIN index on ts the time-range scans (roll-up job, retention); the two B-trees below exist on
+    # SQLite only, whose key is (device_id, boot, seq) (see migration 0003 and migrations_support).
     __table_args__ = (
-        Index("ix_telemetry_device_ts", "device_id", "ts"),
-        Index("ix_telemetry_tenant_ts", "tenant_id", "ts"),
+        Index("ix_telemetry_device_ts", "device_id", "ts", info={"sqlite_only": True}),
+        Index("ix_telemetry_tenant_ts", "tenant_id", "ts", info={"sqlite_only": True}),
+        Index("ix_telemetry_ts", "ts", postgresql_using="brin"),
     )
 
 
@@ -253,3 +257,13 @@ class Telemetry1h(_RollupColumns, Base):
 
 
 ROLLUPS = {"1m": Telemetry1m, "1h": Telemetry1h}
+
+
+class RollupWatermark(Base):
+    """One row (id 1). PostgreSQL: readings with ``ts < done_until`` are counted in the roll-ups; the roll-up job
+    (:func:`cloud.db.maintenance.advance_rollups`) adds the readings in ``[done_until, new mark)`` in one
+    set-based statement and moves the mark; the writer adds a reading that arrives below the mark (late) itself,
+    in its insert transaction. SQLite: the writer maintains the roll-ups row by row and ignores the mark."""
+    __tablename__ = "rollup_watermark"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    done_until: Mapped[datetime] = mapped_column()

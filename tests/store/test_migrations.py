@@ -7,18 +7,20 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from cloud import db
-from cloud.db.migrations_support import include_name
+from cloud.db.migrations_support import include_name, include_object_for
 from cloud.db.models import Base
 
 TABLES = {"tenants", "users", "api_tokens", "devices", "device_boots", "telemetry", "telemetry_1m", "telemetry_1h",
-          "rules", "alarms", "commands"}
+          "rules", "alarms", "commands", "rollup_watermark"}
 
 
 def _diff(url):
     engine = db.make_engine(url)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name})
+            context = MigrationContext.configure(conn, opts={
+                "compare_type": True, "include_name": include_name,
+                "include_object": include_object_for(conn.dialect.name)})
             return compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
@@ -45,7 +47,9 @@ def test_postgres_up_down_up(pg_url):
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'pk_telemetry'").scalar()
     engine.dispose()
     assert kind == "p"  # partitioned
-    assert key == "PRIMARY KEY (device_id, boot, seq, ts)"
+    # the same columns as the reading's identity (device, boot, seq) plus the partition key, ordered so that the
+    # key also serves "this device, newest first"
+    assert key == "PRIMARY KEY (device_id, ts, boot, seq)"
     db.downgrade(pg_url, "base")
     assert db.current(pg_url) is None
     assert _tables(pg_url) == set()

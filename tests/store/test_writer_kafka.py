@@ -19,7 +19,7 @@ from cloud.bus.kafka import KafkaBus
 from cloud.cache import MemoryCache
 from cloud.writer import Writer
 
-from .helpers import RunningWriter, count, fresh_pg_database, provision, reading, wait_for
+from .helpers import RunningWriter, count, fresh_pg_database, provision, reading, settle_rollups, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = [f"k-{i:02d}" for i in range(20)]
@@ -84,6 +84,7 @@ def test_kill_9_mid_batch_then_restart_stores_every_reading_once(kafka, postgres
                 proc.kill()
         assert proc.returncode == 0, log.read_text()[-3000:]
         assert count(engine, "SELECT count(*) FROM telemetry") == total
+        settle_rollups(engine)
         assert count(engine, "SELECT sum(n) FROM telemetry_1m") == total
         assert count(engine, "SELECT sum(n) FROM telemetry_1h") == total
         assert count(engine, "SELECT count(*) FROM (SELECT DISTINCT device_id, seq FROM telemetry) x") == total
@@ -121,6 +122,7 @@ def test_postgres_restart_mid_stream_loses_nothing(kafka, tmp_path, engine_at):
             wait_for(lambda: writer.health()[0], timeout=30, what="health to recover")
             time.sleep(0.5)
         assert count(engine, "SELECT count(*) FROM telemetry") == total
+        settle_rollups(engine)
         assert count(engine, "SELECT sum(n) FROM telemetry_1m") == total
         assert count(engine, "SELECT sum(n) FROM telemetry_1h") == total
     finally:

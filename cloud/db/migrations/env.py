@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 from cloud.db import make_engine
-from cloud.db.migrations_support import include_name
+from cloud.db.migrations_support import include_name, include_object_for
 from cloud.db.models import Base
 
 config = context.config
@@ -15,7 +15,8 @@ target_metadata = Base.metadata
 def _configure(connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=connection.dialect.name == "sqlite",  # SQLite ALTERs via table copies
-                      compare_type=True, include_name=include_name)
+                      compare_type=True, include_name=include_name,
+                      include_object=include_object_for(connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
 
