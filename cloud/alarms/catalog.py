@@ -40,6 +40,10 @@ class Catalog:
                                          for d, r in device_rules.items())))
         self._cache: dict[str, tuple[RuleSpec, ...]] = {}
         self.loaded_at = time.time()
+        # whether any rule needs the timer (nodata, offline): without one, a tick has nothing to do until the
+        # rules or the partitions change
+        self.timed = any(spec is not None and spec.kind in ("nodata", "offline")
+                         for rules in (*tenant_rules.values(), *device_rules.values()) for spec in rules.values())
 
     @classmethod
     def empty(cls) -> "Catalog":

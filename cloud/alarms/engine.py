@@ -45,6 +45,7 @@ _SOURCE_HEADERS = {SOURCE_HEADER: SOURCE}
 _NO_DEVICES: dict = {}
 MAX_FUTURE_MS = 5 * 60 * 1000  # a device clock further ahead of the cloud than this is not trusted
 COMMAND_TTL_S = 300
+SNAPSHOT_CHUNK = 500  # snapshots produced per loop iteration while a checkpoint is under way (~2 ms)
 _loads = orjson.loads
 _dumps = orjson.dumps
 _BAD_INPUT = (orjson.JSONDecodeError, AttributeError, TypeError)  # not JSON, not an object
@@ -102,7 +103,10 @@ class AlarmEngine:
         self._epoch = _Epoch()
         # a checkpoint whose snapshots were produced but not yet confirmed: (its epoch, offsets to commit, started)
         self._inflight: tuple[_Epoch, dict[tuple[str, int], int], float] | None = None
+        # a checkpoint still producing its snapshots: (devices to snapshot, how many done, offsets set aside)
+        self._snapping: tuple[list[tuple[str, int]], int, dict[tuple[str, int], int]] | None = None
         self.delivery_errors = 0  # sticky: after a lost record nothing is committed (the input is replayed)
+        self._tick_clean: Catalog | None = None  # the catalog the last complete tick ran with
 
     # --- partitions -----------------------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:
@@ -128,6 +132,7 @@ class AlarmEngine:
                 log.warning("changelog record for %s unreadable, state reset: %s", key, exc)
         for p in new:
             self.caught_up[p] = False
+        self._tick_clean = None  # restored states may hold alarms of rules removed meanwhile
         self.parts.update(restored)
         n = sum(len(part) for part in restored.values())
         self.counts["restored"] += n
@@ -158,6 +163,9 @@ class AlarmEngine:
         if self._inflight is not None:
             epoch, offsets, started = self._inflight
             self._inflight = (epoch, {tp: o for tp, o in offsets.items() if tp[1] not in partitions}, started)
+        if self._snapping is not None:
+            items, pos, offsets = self._snapping
+            self._snapping = (items, pos, {tp: o for tp, o in offsets.items() if tp[1] not in partitions})
         self._update_active()
 
     def _forget_offsets(self, p: int) -> None:
@@ -295,9 +303,13 @@ class AlarmEngine:
         """Timer (about once a second): nodata, offline-for-duration, alarms of removed rules. Partitions still
         replaying a backlog are skipped, so a restart after downtime does not raise nodata for every device."""
         catalog = self.catalog()
+        if catalog is self._tick_clean and not catalog.timed:
+            return  # no timed rule, and every state was reconciled with these rules by an earlier tick
         now_ms = int(self.clock() * 1000)
+        complete = True
         for p, part in self.parts.items():
             if not self.caught_up.get(p, False):
+                complete = False
                 continue
             for device, dev in part.items():
                 rules = catalog.rules_for(device)
@@ -309,6 +321,7 @@ class AlarmEngine:
                 if changes:
                     self.dirty[device] = p
                     self._emit(device, catalog, changes)
+        self._tick_clean = catalog if complete else None
 
     # --- output ---------------------------------------------------------------------------------------------
     def _emit(self, device: str, catalog: Catalog, changes: list[R.Change]) -> None:
@@ -342,16 +355,16 @@ class AlarmEngine:
         epoch.outstanding += 1
         self.io.produce(topic, key, value, headers, partition, epoch.done)
 
-    def _snapshot_dirty(self) -> None:
+    def _snapshot(self, items: list[tuple[str, int]], start: int, end: int) -> None:
         parts = self.parts
         changelog = self.changelog
         produce = self._produce
-        for device, p in self.dirty.items():
+        for i in range(start, end):
+            device, p = items[i]
             dev = parts.get(p, _NO_DEVICES).get(device)
             if dev is None:  # partition revoked or lost meanwhile
                 continue
             produce(changelog, device, _dumps(dev.to_dict()), None, p)
-        self.dirty = {}
 
     def _check_deliveries(self, epoch: _Epoch) -> None:
         self.delivery_errors += epoch.errors
@@ -367,29 +380,46 @@ class AlarmEngine:
     def checkpoint(self) -> None:
         """Synchronous: snapshots of the dirty devices -> changelog, flush everything, then commit the input
         offsets (also those of a checkpoint still in flight). On revoke, on stop, and in the tests."""
-        self._snapshot_dirty()
+        offsets: dict[tuple[str, int], int] = {}
+        if self._inflight is not None:
+            offsets.update(self._inflight[1])
+        if self._snapping is not None:
+            items, pos, snap_offsets = self._snapping
+            self._snapshot(items, pos, len(items))
+            offsets.update(snap_offsets)
+        items = list(self.dirty.items())
+        self._snapshot(items, 0, len(items))
+        self.dirty = {}
+        offsets.update(self.offsets)  # newest last
         remaining = self.io.flush(30.0)
-        if remaining:
+        if remaining:  # nothing is dropped: a later checkpoint still commits these offsets
+            self._snapping = (items, len(items), offsets)
+            self.offsets = {}
             raise RuntimeError(f"{remaining} records not delivered within 30 s; offsets not committed")
         epoch, self._epoch = self._epoch, _Epoch()
-        inflight, self._inflight = self._inflight, None
-        offsets = {}
+        inflight, self._inflight, self._snapping = self._inflight, None, None
         if inflight is not None:
             self._check_deliveries(inflight[0])
-            offsets.update(inflight[1])
         self._check_deliveries(epoch)
-        offsets.update(self.offsets)  # newer than the in-flight ones
         self.io.commit({(t, p): o for (t, p), o in offsets.items() if p in self.parts})
         self.offsets = {}
         self._committed()
 
     def maybe_checkpoint(self) -> None:
-        """The service loop's checkpoint, in two steps so that processing never waits for Kafka: (1) every
-        ``commit_interval`` seconds, produce the snapshots of the dirty devices and set the input offsets reached
-        so far aside, with the epoch of records produced since the last checkpoint; (2) on a later call, once
-        every record of that epoch has its delivery report (served by ``io.serve()``) and none failed, commit
-        those offsets. Committed input is therefore always covered by durable events and state, as with
-        :meth:`checkpoint`."""
+        """The service loop's checkpoint, in steps, so that processing never waits for Kafka nor for thousands of
+        snapshots at once:
+
+        1. every ``commit_interval`` seconds: set the input offsets reached so far aside with the list of dirty
+           devices; then, SNAPSHOT_CHUNK devices per call, produce their snapshots (each one is the device's
+           state when produced, at least as new as those offsets: replayed readings are recognised by (boot, seq));
+        2. when all are produced, close the epoch: every record produced since the previous checkpoint (events,
+           commands, these snapshots);
+        3. on a later call, once every record of that epoch has its delivery report (served by ``io.serve()``)
+           and none failed, commit the offsets.
+
+        So committed input is always covered by durable events and states, as with :meth:`checkpoint`: a
+        snapshot never shows an alarm whose event could still be lost, because that event was produced before
+        the snapshot, in the same or an earlier epoch."""
         inflight = self._inflight
         if inflight is not None:
             epoch, offsets, started = inflight
@@ -402,12 +432,22 @@ class AlarmEngine:
             self._inflight = None
             self.io.commit({(t, p): o for (t, p), o in offsets.items() if p in self.parts}, asynchronous=True)
             self._committed()
-        if time.monotonic() - self.last_commit >= self.commit_interval and (self.dirty or self.offsets):
-            self._snapshot_dirty()
-            epoch, self._epoch = self._epoch, _Epoch()
-            self._inflight = (epoch, self.offsets, time.monotonic())
+        if self._snapping is None:
+            if time.monotonic() - self.last_commit < self.commit_interval or not (self.dirty or self.offsets):
+                return
+            self._snapping = (list(self.dirty.items()), 0, self.offsets)
+            self.dirty = {}
             self.offsets = {}
             self.last_commit = time.monotonic()
+        items, pos, offsets = self._snapping
+        end = min(pos + SNAPSHOT_CHUNK, len(items))
+        self._snapshot(items, pos, end)
+        if end < len(items):
+            self._snapping = (items, end, offsets)
+            return
+        epoch, self._epoch = self._epoch, _Epoch()
+        self._inflight = (epoch, offsets, time.monotonic())
+        self._snapping = None
 
     # --- introspection ------------------------------------------------------------------------------------
     def _update_active(self) -> None:

@@ -80,6 +80,7 @@ class AlarmService:
         log.info("alarm service: group %s on %s, state in %s", self.group, ", ".join(self.input_topics),
                  self.changelog)
         last_tick = time.monotonic()
+        logged = 0.0
         try:
             while not stop.is_set():
                 self._beat = time.monotonic()
@@ -93,8 +94,11 @@ class AlarmService:
                 try:
                     engine.maybe_checkpoint()
                 except Exception as exc:  # noqa: BLE001 -- keep running; the next checkpoint retries
-                    self.error = f"checkpoint failed: {exc}"
-                    log.exception("alarm service: checkpoint failed")
+                    error = f"checkpoint failed: {exc}"
+                    if error != self.error or now - logged > 30:  # it repeats on every loop until it is fixed
+                        log.exception("alarm service: checkpoint failed")
+                        logged = now
+                    self.error = error
                 else:
                     self.error = None
             try:

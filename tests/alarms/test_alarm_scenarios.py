@@ -235,25 +235,34 @@ def _unpumped(rig, device: str, at_s: float, t: float) -> None:
     rig.engine.process(rig.io.poll(1000, 0))
 
 
-def test_pipelined_checkpoint_commits_only_after_every_record_is_delivered(memory_rig):
+def test_pipelined_checkpoint_commits_only_after_every_record_is_delivered(memory_rig, monkeypatch):
+    from cloud.alarms import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "SNAPSHOT_CHUNK", 1)  # one snapshot per loop iteration
     rig = memory_rig([HOT])
     commits: list[dict] = []
     real_commit = rig.io.commit
     rig.io.commit = lambda offsets, asynchronous=False: (commits.append(dict(offsets)),
                                                          real_commit(offsets, asynchronous))
+    changelog = rig.bus.consumer("changelog-reader", ["alarms-state"])
     _unpumped(rig, "d1", 0, 35)  # raises: an event waits for its delivery report
-    rig.engine.maybe_checkpoint()  # snapshots produced, offsets set aside
-    assert rig.engine.dirty == {} and commits == []
+    _unpumped(rig, "d2", 0, 20)
+    rig.engine.maybe_checkpoint()  # offsets set aside, the first of two snapshots produced
+    assert rig.engine.dirty == {} and len(changelog.poll_batch(10, 0)) == 1
+    rig.io.serve()
+    rig.engine.maybe_checkpoint()  # the second snapshot: only now does the epoch close
+    assert commits == [] and len(changelog.poll_batch(10, 0)) == 1
     rig.engine.maybe_checkpoint()  # nothing delivered yet (the reports are served by io.serve)
     assert commits == []
     _unpumped(rig, "d1", 10, 36)  # input read meanwhile is not part of this checkpoint
     rig.io.serve()
     rig.engine.maybe_checkpoint()
     assert len(commits) == 1
-    ((topic, _p), offset), = commits[0].items()
-    assert topic == rig.topics.telemetry and offset == 1
+    # d1's and d2's reading (one partition or two), not the one read after the checkpoint started
+    assert sum(o for (topic, _p), o in commits[0].items() if topic == rig.topics.telemetry) == 2
+    d1 = (rig.topics.telemetry, next(p for p, part in rig.engine.parts.items() if "d1" in part))
     rig.engine.checkpoint()  # the synchronous one (revoke, stop) commits the rest
-    assert len(commits) == 2 and commits[1][(topic, _p)] == 2
+    assert len(commits) == 2 and commits[1][d1] == commits[0][d1] + 1
 
 
 def test_failed_delivery_is_never_committed(memory_rig):
