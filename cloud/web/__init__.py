@@ -35,6 +35,7 @@ class WebContext:
     bus: Any
     cache: Any
     hub: Any = None
+    read_session_factory: Any = None
     _producer: Any = None
     _producer_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,19 +55,60 @@ class _SessionInterface(SecureCookieSessionInterface):
         return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
 
 
+IDLE_PING_S = 10.0
+
+
+def web_engine(url: str):
+    """The web tier's engine. PostgreSQL: instead of the pool's pre-ping on EVERY checkout (a round trip per
+    request), a connection is pinged only when it sat idle in the pool for more than IDLE_PING_S seconds; one
+    broken by a database restart within that window fails one request and SQLAlchemy then discards the pool."""
+    import time
+
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.exc import DisconnectionError
+
+    from cloud import db as dbmod
+
+    if dbmod.is_sqlite(url):
+        return dbmod.make_engine(url)
+    engine = create_engine(dbmod.normalize_url(url), pool_size=5, max_overflow=10, pool_pre_ping=False,
+                           pool_recycle=1800, connect_args={"connect_timeout": 5, "application_name": "iot-web"})
+
+    @event.listens_for(engine, "connect")
+    def _fresh(_dbapi_connection, record):
+        record.info["iot_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _idle(_dbapi_connection, record):
+        record.info["iot_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection, record, _proxy):
+        since = record.info.get("iot_idle_since")
+        if since is not None and time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool replaces the connection and retries the checkout
+            raise DisconnectionError(str(exc)) from exc
+
+    return engine
+
+
 def ctx() -> WebContext:
     return current_app.extensions["iot"]
 
 
 def request_session():
-    """The request's read session: opened on first use (the principal lookup), shared by the handler, closed
+    """The request's READ session (autocommit: each statement stands alone; write with a session of your own
+    from ``ctx().session_factory``): opened on first use (the principal lookup), shared by the handler, closed
     when the request ends. One connection checkout per request instead of one per lookup saves the pool's
     pre-ping and the reset-on-return rollback, two database round trips on every request."""
     from flask import g
 
     s = g.get("_db_session")
     if s is None:
-        s = g._db_session = current_app.extensions["iot"].session_factory()
+        s = g._db_session = current_app.extensions["iot"].read_session_factory()
     return s
 
 
@@ -84,8 +126,11 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     from cloud import db as dbmod
 
     if engine is None:
-        engine = dbmod.make_engine(settings.database_url)
+        engine = web_engine(settings.database_url)
     session_factory = dbmod.session_factory(engine)
+    # reads of a request (principal, lists, history) need no transaction: in autocommit there is no BEGIN
+    # before the first query and no ROLLBACK when the connection goes back to the pool (2 round trips)
+    read_session_factory = dbmod.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
     if bus is None:
         from cloud.bus import from_settings
 
@@ -112,7 +157,7 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     from cloud.web.ws import Hub
 
     context = WebContext(settings=settings, engine=engine, session_factory=session_factory, bus=bus,
-                         cache=cache)
+                         cache=cache, read_session_factory=read_session_factory)
     context.hub = Hub(cache)
     app.extensions["iot"] = context
 
@@ -137,16 +182,23 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 def _install_common(app: Flask) -> None:
     import os
+    import time
 
     from flask import jsonify, render_template, request
     from werkzeug.exceptions import HTTPException
 
     vendor_path = os.path.join(app.static_folder or "", VENDOR_FILE)
 
+    vendor_seen = [False, 0.0]  # found?, when last looked
+
     @app.context_processor
     def _vendor():
-        # checked per render so running the fetch step does not need a restart
-        return {"vendor_ok": os.path.exists(vendor_path)}
+        # looked up again every few seconds until found, so running the fetch step needs no restart (not on
+        # every render: a stat per page showed up in the fleet page's profile)
+        now = time.monotonic()
+        if not vendor_seen[0] and now - vendor_seen[1] > 5.0:
+            vendor_seen[0], vendor_seen[1] = os.path.exists(vendor_path), now
+        return {"vendor_ok": vendor_seen[0]}
 
     @app.after_request
     def _headers(response):

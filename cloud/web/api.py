@@ -337,7 +337,8 @@ def history_payload(result: Any) -> dict:
         if isinstance(r, dict):
             point = r  # the repo builds fresh dicts per call: converted in place, not copied (1,440 a day)
             ts = point.get("ts")
-            point["ts"] = int(ts.timestamp() * 1000) if isinstance(ts, datetime) and ts.tzinfo else ser.ms(ts)
+            if ts.__class__ is not int:
+                point["ts"] = int(ts.timestamp() * 1000) if isinstance(ts, datetime) and ts.tzinfo else ser.ms(ts)
             t = point.get("t")
             if isinstance(t, tuple):
                 # Work-around for cloud.db.repo.history (raw points): on SQLAlchemy 2.1 ``row.t`` is the Row itself
