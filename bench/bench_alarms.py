@@ -9,7 +9,8 @@ this process:
 
   1. throughput: readings/s evaluated from a backlog in Kafka (the readings are produced before the service starts;
      the clock starts at the first record, so the consumer-group join is not counted), and the CPU time the
-     service's thread used per reading (from /proc: what one core would give it if nothing else ran);
+     service's thread used per reading (from /proc: what one core would give it if nothing else ran), with the
+     share of the time it was on a CPU and the share it was runnable but waiting for one (other load);
   2. latency: p50/p99 delay "reading produced -> alarm event received by a consumer of the alarms topic" at a steady
      produce rate, with ~1 % of the readings crossing a threshold. The readings are produced by a separate process,
      so the load generator does not compete with the service for this interpreter's GIL.
@@ -118,11 +119,13 @@ def live_load(bootstrap: str, topic: str, n_devices: int, first_seq: int, rate: 
     result.put((sent, time.monotonic() - t0))
 
 
-def thread_cpu_seconds(native_id: int) -> float:
-    """User + system CPU time of one thread of this process (Linux /proc), in seconds."""
-    with open(f"/proc/self/task/{native_id}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def thread_sched(native_id: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of one thread of this process, from Linux's
+    /proc/<pid>/task/<tid>/schedstat. The rest of the wall time the thread was blocked: waiting for Kafka data in
+    consume() or for the GIL."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        run_ns, wait_ns, _slices = f.read().split()
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -193,17 +196,21 @@ def main() -> int:
         while evaluated() == 0:
             time.sleep(0.001)
         first = time.monotonic()
-        cpu_first = thread_cpu_seconds(thread.native_id)
+        load_start = os.getloadavg()[0]
+        run0, wait0 = thread_sched(thread.native_id)
         while evaluated() < backlog:
             if not thread.is_alive():
                 raise RuntimeError("alarm service died")
             time.sleep(0.01)
         drain_s = time.monotonic() - first
-        cpu_us = (thread_cpu_seconds(thread.native_id) - cpu_first) / backlog * 1e6
+        run1, wait1 = thread_sched(thread.native_id)
+        cpu_us = (run1 - run0) / backlog * 1e6
+        drain_ran, drain_waited = (run1 - run0) / drain_s * 100, (wait1 - wait0) / drain_s * 100
         throughput = backlog / drain_s
         events_backlog = svc.engine.counts["events"]
-        log.info("backlog: %d readings in %.2fs = %.0f/s (service thread: %.1f us CPU a reading), %d alarm events",
-                 backlog, drain_s, throughput, cpu_us, events_backlog)
+        log.info("backlog: %d readings in %.2fs = %.0f/s (service thread: %.1f us CPU a reading, on a CPU %.0f%% "
+                 "of the time, waiting for one %.0f%%), %d alarm events", backlog, drain_s, throughput, cpu_us,
+                 drain_ran, drain_waited, events_backlog)
 
         # --- latency phase ----------------------------------------------------------------------------------
         delays: list[float] = []
@@ -233,6 +240,8 @@ def main() -> int:
         ctx = multiprocessing.get_context("spawn")
         live_result = ctx.Queue()
         live_start = evaluated()
+        run0, wait0 = thread_sched(thread.native_id)
+        live_t0 = time.monotonic()
         loader = ctx.Process(target=live_load, args=(bootstrap, topics.telemetry, len(devices), args.per_device,
                                                      args.rate, args.seconds, live_result), daemon=True)
         loader.start()
@@ -241,6 +250,10 @@ def main() -> int:
         deadline = time.monotonic() + 30
         while evaluated() - live_start < sent and time.monotonic() < deadline:
             time.sleep(0.05)
+        run1, wait1 = thread_sched(thread.native_id)
+        live_wall = time.monotonic() - live_t0
+        live_ran, live_waited = (run1 - run0) / live_wall * 100, (wait1 - wait0) / live_wall * 100
+        load_end = os.getloadavg()[0]
         time.sleep(1.0)
         reader_stop.set()
         reader.join(5)
@@ -256,17 +269,26 @@ def main() -> int:
         print(f"  backlog readings                     {backlog:>10,}")
         print(f"  readings evaluated / s (backlog)     {throughput:>10,.0f}")
         print(f"  service thread CPU per reading, us   {cpu_us:>10.1f}  (= {1e6 / cpu_us:,.0f}/s on a core of its own)")
+        print(f"  service thread during the backlog    {drain_ran:>9.0f}% on a CPU, {drain_waited:.0f}% runnable but "
+              f"waiting for one")
         print(f"  alarm events from the backlog        {events_backlog:>10,}")
         print(f"  live phase: readings/s produced      {sent / live_s:>10,.0f}  ({sent:,} in {live_s:.1f}s)")
         print(f"  live phase: raised events measured   {len(delays):>10,}")
         print(f"  delay reading -> alarm event p50 ms  {p50:>10.1f}")
         print(f"  delay reading -> alarm event p99 ms  {p99:>10.1f}")
+        print(f"  service thread during the live phase {live_ran:>9.0f}% on a CPU, {live_waited:.0f}% runnable but "
+              f"waiting for one")
+        print(f"  load average (1 min) start / end     {load_start:>10.1f} / {load_end:.1f}  (other work on the "
+              f"machine included)")
         print(f"  device states checkpointed           {health.get('checkpoints', 0):>10,} checkpoints")
         result = {"bench": "alarms", "devices": args.devices, "rules_per_device": len(RULES),
                   "backlog_readings": backlog, "readings_per_s": round(throughput),
-                  "cpu_us_per_reading": round(cpu_us, 2),
+                  "cpu_us_per_reading": round(cpu_us, 2), "backlog_thread_on_cpu_pct": round(drain_ran),
+                  "backlog_thread_cpu_wait_pct": round(drain_waited),
                   "backlog_alarm_events": events_backlog, "live_rate": round(sent / live_s),
                   "live_events": len(delays), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
+                  "live_thread_on_cpu_pct": round(live_ran), "live_thread_cpu_wait_pct": round(live_waited),
+                  "loadavg_1m": [round(load_start, 1), round(load_end, 1)],
                   "cpu_count": os.cpu_count()}
         print(json.dumps(result))
         return 0

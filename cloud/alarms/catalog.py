@@ -38,7 +38,7 @@ class Catalog:
                                          for t, r in tenant_rules.items())),
                             tuple(sorted((d, tuple(sorted(r.items(), key=lambda kv: kv[0])))
                                          for d, r in device_rules.items())))
-        self._cache: dict[str, tuple[RuleSpec, ...]] = {}
+        self.rules_cache: dict[str, tuple[RuleSpec, ...]] = {}  # device -> rules_for(device), filled on demand
         self.loaded_at = time.time()
         # whether any rule needs the timer (nodata, offline): without one, a tick has nothing to do until the
         # rules or the partitions change
@@ -53,14 +53,14 @@ class Catalog:
         return self.devices.get(device)
 
     def rules_for(self, device: str) -> tuple[RuleSpec, ...]:
-        rules = self._cache.get(device)
+        rules = self.rules_cache.get(device)
         if rules is None:
             tenant = self.devices.get(device)
             if tenant is None:
                 rules = ()
             else:
                 rules = effective_rules(self.tenant_rules.get(tenant, {}), self.device_rules.get(device, {}))
-            self._cache[device] = rules
+            self.rules_cache[device] = rules
         return rules
 
     def rule_count(self) -> int:

@@ -56,6 +56,7 @@ EVENTS = Counter("iot_alarms_events_total", "Alarm events produced", ["state"])
 INVALID = Counter("iot_alarms_invalid_total", "Input records the alarm service could not read", ["topic"])
 ACTIVE = Gauge("iot_alarms_active", "Active alarms held by this alarm service instance")
 RESTORED = Counter("iot_alarms_restored_states_total", "Device states restored from the changelog")
+_EVENTS = {state: EVENTS.labels(state) for state in ("raised", "cleared")}
 _READINGS_APPLIED, _READINGS_LATE, _READINGS_DUPLICATE = (READINGS.labels(r) for r in ("applied", "late",
                                                                                         "duplicate"))
 
@@ -185,6 +186,7 @@ class AlarmEngine:
         telemetry, status, alarms = topics.telemetry, topics.status, topics.alarms
         catalog = self.catalog()
         rules_for = catalog.rules_for
+        cached_rules = catalog.rules_cache.get  # rules_for without the call, once the device is cached
         parts = self.parts
         dirty = self.dirty
         offsets = self.offsets
@@ -209,7 +211,7 @@ class AlarmEngine:
             if part is None:
                 part = parts[p] = {}
             dev = part.get(device)
-            rules = rules_for(device)
+            rules = cached_rules(device) or rules_for(device)
             if dev is None:
                 if not rules:
                     if self.on_unknown_device is not None and catalog.tenant(device) is None:
@@ -335,7 +337,7 @@ class AlarmEngine:
                      "threshold": c.threshold, "severity": c.severity, "state": c.state, "ts": c.ts}
             self._produce(alarms_topic, device, _dumps(event), _SOURCE_HEADERS)
             self.counts["events"] += 1
-            EVENTS.labels(c.state).inc()
+            _EVENTS[c.state].inc()
             command = R.thaw_command(c.command)
             if command is not None:
                 op, args = command

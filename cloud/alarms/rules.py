@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from hashlib import sha1 as _sha1
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -41,6 +42,7 @@ METRIC_OF_KIND = {"nodata": "nodata", "offline": "status"}  # what an event of t
 DEFAULT_RATE_WINDOW_S = 60
 MAX_SAMPLES = 32  # rate window resolution: at most this many samples kept per rule and device
 _ALARM_NS = uuid.UUID("6f1c1d2e-8a40-4c39-9a0e-4a1a1a7a2b6e")
+_ALARM_NS_BYTES = _ALARM_NS.bytes
 
 _RULE_FIELDS = ("name", "kind", "metric", "min", "max", "hysteresis", "duration_s", "rate_per_min", "nodata_s",
                 "severity", "enabled", "on_raise", "on_clear")
@@ -352,8 +354,14 @@ class Change:
 
 
 def alarm_id(device: str, rule: str, raised_ts: int) -> str:
-    """Deterministic: reprocessing the same reading after a crash yields the same id (consumers upsert)."""
-    return str(uuid.uuid5(_ALARM_NS, f"{device}\x1f{rule}\x1f{raised_ts}"))
+    """Deterministic: reprocessing the same reading after a crash yields the same id (consumers upsert).
+    Exactly ``str(uuid.uuid5(_ALARM_NS, f"{device}\\x1f{rule}\\x1f{raised_ts}"))`` (tests compare them), built
+    without the UUID objects."""
+    digest = bytearray(_sha1(_ALARM_NS_BYTES + f"{device}\x1f{rule}\x1f{raised_ts}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --- the state machines -----------------------------------------------------------------------------------

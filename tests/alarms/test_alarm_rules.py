@@ -138,3 +138,13 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
         thread.join(10)
     assert not thread.is_alive()
     assert svc.health()[0] is False  # not running any more
+
+
+@pytest.mark.parametrize("device,rule,ts", [("d1", "hot", 0), ("bench-00042", "heating", 1795621328069),
+                                            ("gerät-ü", "zu heiß", -5), ("", "", 2**53)])
+def test_alarm_id_is_uuid5_of_device_rule_and_raise_time(device, rule, ts):
+    import uuid
+
+    from cloud.alarms.rules import _ALARM_NS, alarm_id
+
+    assert alarm_id(device, rule, ts) == str(uuid.uuid5(_ALARM_NS, f"{device}\x1f{rule}\x1f{ts}"))
