@@ -76,10 +76,15 @@ class TimedWriter(Writer):
             profiler.dump_stats(self.profile_path)
             log.info("writer profile written to %s", self.profile_path)
 
+    cpu_first: float | None = None  # the writer thread's CPU time before its first batch
+    cpu_last: float = 0.0  # ... and after its latest one
+
     def process(self, records, stop=None, **kwargs):
         if self.first_batch is None:
             self.first_batch = time.monotonic()
+            self.cpu_first = time.thread_time()
         ok = super().process(records, stop, **kwargs)
+        self.cpu_last = time.thread_time()
         if ok:
             now = time.time()
             self.lags.extend(now - r.timestamp_ms / 1000 for r in records if r.timestamp_ms)
@@ -117,8 +122,27 @@ def provision_bulk(engine, tenants: int, devices_per_tenant: int) -> list[tuple[
     return out
 
 
+def process_tree_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its children that are still running (PostgreSQL's
+    backends are children of the postmaster). 0.0 if unknown."""
+    if not pid:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog: int, rate: int,
-                 seconds: float, profile: str | None = None, boot: int = 1) -> dict:
+                 seconds: float, profile: str | None = None, boot: int = 1, pg_pid: int | None = None) -> dict:
     suffix = uuid.uuid4().hex[:6]
     env = {f"IOT_TOPIC_{n.upper()}": f"bench-{n}-{suffix}" for n in
            ("telemetry", "status", "acks", "alarms", "control", "command_status", "deadletter")}
@@ -166,17 +190,20 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     stop = threading.Event()
     thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
     started = time.monotonic()
+    pg_cpu_before = process_tree_cpu(pg_pid)
     thread.start()
     while writer.stored < backlog:
         time.sleep(0.05)
         if time.monotonic() - started > 600:
             raise RuntimeError("backlog not drained in 10 minutes")
     drain_s = time.monotonic() - (writer.first_batch or started)
+    writer_cpu_s = writer.cpu_last - (writer.cpu_first or 0.0)
     # the roll-ups of the backlog are part of the work: what the writer's own roll-up job has not counted yet
     # is counted now, and the throughput figure includes that time
     t0 = time.monotonic()
     rolled = maintenance.advance_rollups(engine, until=datetime.fromtimestamp(now / 1000 + 60, timezone.utc))
     rollup_s = time.monotonic() - t0
+    pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
     log.info("drained %d in %.1f s; roll-up job for the remaining %d readings %.1f s", backlog, drain_s, rolled,
              rollup_s)
     writer.lags.clear()
@@ -190,7 +217,12 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     stop.set()
     thread.join(30)
     return {"backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),
-            "ingest_rows_only_per_s": backlog / drain_s, "rollup_catchup_s": rollup_s, "steady_rate": rate,
+            "ingest_rows_only_per_s": backlog / drain_s, "rollup_catchup_s": rollup_s,
+            # CPU per stored row, independent of what else the shared machine is running: the writer thread
+            # (parse, batching, driver) and PostgreSQL (all its processes, the roll-up job included)
+            "writer_cpu_us_per_row": writer_cpu_s / backlog * 1e6,
+            "pg_cpu_us_per_row": pg_cpu_s / backlog * 1e6 if pg_pid else None,
+            "steady_rate": rate,
             "steady_rows": len(lags), "lag_p50_ms": percentile(lags, 50) * 1000,
             "lag_p99_ms": percentile(lags, 99) * 1000, "lag_max_ms": max(lags) * 1000 if lags else None}
 
@@ -219,12 +251,16 @@ def load_rows(engine, per_device: int, step_s: int, end: datetime) -> float:
 
 
 def time_query(fn, samples: int) -> dict:
-    times = []
+    """Wall time per call, and the calling thread's CPU time per call (this process's share only: the shared
+    machine's other load stretches the wall time, not the CPU time)."""
+    times, cpu = [], []
     for _ in range(samples):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": statistics.median(times), "p99_ms": percentile(times, 99), "mean_ms": statistics.fmean(times)}
+        cpu.append((time.thread_time() - c0) * 1000)
+    return {"p50_ms": statistics.median(times), "p99_ms": percentile(times, 99), "mean_ms": statistics.fmean(times),
+            "client_cpu_p50_ms": statistics.median(cpu), "client_cpu_p99_ms": percentile(cpu, 99)}
 
 
 def bench_queries(engine, devices: list[tuple[int, str]], end: datetime, samples: int, per_device: int) -> dict:
@@ -335,6 +371,7 @@ def main() -> int:
     bootstrap = os.environ.get("IOT_KAFKA_BOOTSTRAP")
     ingest: dict = {}
     queries: dict = {}
+    pg_pid = None
     try:
         from cloud import nativestack
 
@@ -349,6 +386,7 @@ def main() -> int:
             pg = nativestack.Postgres(pg_dir, fsync=True, settings=PG_SETTINGS).start()
             services.append(pg)
             url = pg.url
+            pg_pid = pg.postmaster_pid
         engine = db.make_engine(url)
         want = {"tenants": args.tenants, "devices_per_tenant": args.devices_per_tenant,
                 "rows_per_device": args.rows_per_device, "revision": db.head()}
@@ -383,7 +421,7 @@ def main() -> int:
                 bootstrap = kafka.bootstrap
             boot = int(time.time()) % 2**31  # a boot of its own: never collides with the dataset or earlier runs
             ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds,
-                                  profile=args.profile, boot=boot)
+                                  profile=args.profile, boot=boot, pg_pid=pg_pid)
         engine.dispose()
     finally:
         for service in reversed(services):
@@ -405,6 +443,11 @@ def main() -> int:
         "latest_500_p99_ms": q("latest_500", "p99_ms"),
         "rollup_1m_24h_p50_ms": q("rollup_1m_24h", "p50_ms"),
         "rollup_1m_24h_p99_ms": q("rollup_1m_24h", "p99_ms"),
+        "latest_500_client_cpu_p50_ms": q("latest_500", "client_cpu_p50_ms"),
+        "latest_500_client_cpu_p99_ms": q("latest_500", "client_cpu_p99_ms"),
+        "rollup_1m_24h_client_cpu_p50_ms": q("rollup_1m_24h", "client_cpu_p50_ms"),
+        "rollup_1m_24h_client_cpu_p99_ms": q("rollup_1m_24h", "client_cpu_p99_ms"),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "query_samples": args.samples,
         "writer_batch_size": int(os.environ.get("IOT_WRITER_BATCH_SIZE") or settings_mod.Settings.writer_batch_size),
         "writer_batch_ms": int(os.environ.get("IOT_WRITER_BATCH_MS") or settings_mod.Settings.writer_batch_ms),
@@ -420,6 +463,10 @@ def main() -> int:
     rows = [
         ("ingest, Kafka backlog -> PostgreSQL", fmt(result.get("ingest_rows_per_s"), "{:,.0f} rows/s"),
          f"{args.backlog:,} rows, one writer, roll-ups included"),
+        ("writer CPU per row", fmt(result.get("writer_cpu_us_per_row"), "{:.1f} us"),
+         fmt(result.get("ingest_rows_per_s") and 1e6 / result["writer_cpu_us_per_row"],
+             "= {:,.0f} rows/s per writer core")),
+        ("PostgreSQL CPU per row", fmt(result.get("pg_cpu_us_per_row"), "{:.1f} us"), "all backends, roll-ups included"),
         ("latency Kafka -> committed, p50", fmt(result.get("lag_p50_ms"), "{:.0f} ms"),
          f"at {args.rate:,} msg/s steady"),
         ("latency Kafka -> committed, p99", fmt(result.get("lag_p99_ms"), "{:.0f} ms"),
@@ -431,6 +478,11 @@ def main() -> int:
         ("24 h of 1-minute roll-ups, p50", fmt(result["rollup_1m_24h_p50_ms"], "{:.2f} ms"),
          f"{rollup_rows:,} roll-up rows"),
         ("24 h of 1-minute roll-ups, p99", fmt(result["rollup_1m_24h_p99_ms"], "{:.2f} ms"), ""),
+        ("  client CPU per query p50/p99: latest", fmt(result["latest_500_client_cpu_p50_ms"], "{:.2f} ms"),
+         fmt(result["latest_500_client_cpu_p99_ms"], "p99 {:.2f} ms (Python side only)")),
+        ("  client CPU per query p50/p99: roll-ups", fmt(result["rollup_1m_24h_client_cpu_p50_ms"], "{:.2f} ms"),
+         fmt(result["rollup_1m_24h_client_cpu_p99_ms"], "p99 {:.2f} ms")),
+        ("machine load average (1 min) at the end", f"{result['load_average_1m']:.1f}", f"{os.cpu_count()} CPUs"),
     ]
     for name, value, note in rows:
         print(f"{name:<42} {value:>16}   {note}")

@@ -249,6 +249,11 @@ _ADVANCE_SQL = (
     "SELECT coalesce(sum(n), 0) FROM a")
 
 
+def advance_statement() -> str:
+    """The roll-up job's statement (parameters ``lo``, ``hi``): adds the readings with ts in [lo, hi)."""
+    return _ADVANCE_SQL
+
+
 def rollup_watermark(engine: Engine) -> datetime | None:
     if engine.dialect.name != "postgresql":
         return None

@@ -65,3 +65,28 @@ def test_sqlite_to_head(sqlite_url):
     db.upgrade(sqlite_url)  # idempotent
     db.downgrade(sqlite_url, "base")
     assert _tables(sqlite_url) == set()
+
+
+def test_postgres_downgrade_from_0003_counts_readings_above_the_watermark(pg_url):
+    """Before 0003 the writer rolled every reading up as it stored it; going back must leave no reading out."""
+    from datetime import datetime, timedelta, timezone
+
+    from cloud.db import maintenance
+
+    db.upgrade(pg_url, "0003")
+    engine = db.make_engine(pg_url)
+    try:
+        maintenance.ensure_partitions(engine)
+        soon = datetime.now(timezone.utc) + timedelta(minutes=5)  # above the mark the upgrade set
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO telemetry (device_id, boot, seq, tenant_id, ts, received_at, t) "
+                "VALUES ('d1', 1, 1, 1, %(ts)s, %(ts)s, 20.5)", {"ts": soon})
+            assert conn.exec_driver_sql("SELECT count(*) FROM telemetry_1m").scalar() == 0
+        db.downgrade(pg_url, "0002")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT n, t_sum FROM telemetry_1m").one() == (1, 20.5)
+            assert conn.exec_driver_sql("SELECT n FROM telemetry_1h").scalar() == 1
+    finally:
+        engine.dispose()
+    db.downgrade(pg_url, "base")

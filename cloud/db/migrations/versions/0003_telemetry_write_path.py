@@ -83,6 +83,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        # the readings at or after the watermark are not in the roll-ups yet; before 0003 the writer counted
+        # every reading as it stored it, so count them now (the roll-up job's statement, with no upper bound)
+        from datetime import datetime, timezone
+
+        from cloud.db.maintenance import ROLLUP_LOCK, advance_statement
+
+        bind = op.get_bind()
+        bind.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": ROLLUP_LOCK})
+        mark = bind.exec_driver_sql("SELECT done_until FROM rollup_watermark WHERE id = 1").scalar()
+        if mark is not None:
+            bind.exec_driver_sql(advance_statement(), {"lo": mark, "hi": datetime(9999, 12, 31, tzinfo=timezone.utc)})
     op.drop_table("rollup_watermark")
     op.drop_index("ix_telemetry_ts", table_name="telemetry")
     if op.get_bind().dialect.name == "postgresql":
