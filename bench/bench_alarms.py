@@ -281,6 +281,14 @@ def main() -> int:
         print(f"  load average (1 min) start / end     {load_start:>10.1f} / {load_end:.1f}  (other work on the "
               f"machine included)")
         print(f"  device states checkpointed           {health.get('checkpoints', 0):>10,} checkpoints")
+        if drain_waited >= 20 or live_waited >= 20:
+            print(f"  note: the service thread was runnable but waiting for a CPU {drain_waited:.0f}% of the backlog "
+                  f"phase and {live_waited:.0f}% of the live phase\n"
+                  f"        (load average {load_start:.1f} on {os.cpu_count()} CPUs): both figures above are bounded "
+                  f"by the other work on this machine;\n"
+                  f"        its own cost is {cpu_us:.1f} us of CPU a reading: a core for this thread alone would give "
+                  f"about {1e6 / cpu_us:,.0f} readings/s\n"
+                  f"        (Kafka and librdkafka's fetch threads need CPU besides; this is a bound, not a measurement).")
         result = {"bench": "alarms", "devices": args.devices, "rules_per_device": len(RULES),
                   "backlog_readings": backlog, "readings_per_s": round(throughput),
                   "cpu_us_per_reading": round(cpu_us, 2), "backlog_thread_on_cpu_pct": round(drain_ran),

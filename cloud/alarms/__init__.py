@@ -27,7 +27,10 @@ Instead: pure rule logic (:mod:`rules`) and a small processor (:mod:`engine`) on
 state-store design as Kafka Streams: a compacted changelog topic ``alarms-state`` (key = device id, one JSON
 snapshot per device, written to the same partition number as the device's input partition). On assignment the
 engine reads those changelog partitions to their end before processing; on revocation it checkpoints first.
-Checkpoint = snapshots of the devices changed since the last one -> flush -> commit input offsets. After a crash
+Checkpoint = snapshots of the devices changed since the last one -> wait until the backbone confirmed every
+record produced up to them (events, commands, snapshots) -> commit input offsets; in the running service this is
+pipelined (snapshots a chunk at a time, delivery reports collected while processing goes on), on revoke and stop
+it is a flush. After a crash
 the uncommitted input is replayed against a restored state at least as new as the committed offsets: readings
 are recognised by (boot, seq) and skipped, an active alarm is not raised again. A crash can repeat at most the
 events of one commit interval whose snapshot was not yet written; they carry the same deterministic

@@ -9,12 +9,18 @@ One :class:`AlarmEngine` owns the device states of the input partitions assigned
   command to the device on the control topic;
 * the device is marked dirty.
 
-``checkpoint()`` (every ``commit_interval`` seconds, on revoke and on stop) writes one state snapshot per dirty
-device to the changelog topic (compacted, key = device id, partition = the input partition), waits until the
-backbone has every record of the interval (flush), and only then commits the input offsets. So committed input
-is always covered by a durable state, and after a crash the uncommitted input is replayed against a state that is
-at least as new as the commit: readings already applied are recognised by (boot, seq) and skipped, an alarm that
-is already active is not raised again. The window in which a crash can repeat an event is the part of one
+A checkpoint writes one state snapshot per dirty device to the changelog topic (compacted, key = device id,
+partition = the input partition), and commits the input offsets only once the backbone has every record produced
+before and with those snapshots. ``maybe_checkpoint()`` (the service loop, every ``commit_interval`` seconds) does
+it without ever blocking processing: snapshots are produced a chunk per loop iteration, and the commit waits for
+the delivery reports of that "epoch" of records (see its docstring); ``checkpoint()`` (on revoke, on stop, in the
+tests) does it at once with a flush. So committed input is always covered by a durable state, and after a crash
+the uncommitted input is replayed against a state that is at least as new as the commit: readings already
+applied are recognised by (boot, seq) and skipped, an alarm that is already active is not raised again.
+
+The per-reading path is written for throughput (one process, ~10 us of CPU a reading with 3 rules): orjson,
+plain tuples from the stream I/O, rules compiled per device (:func:`rules._compile`), counters and Prometheus
+updated once per batch, no object per reading that outlives it. The window in which a crash can repeat an event is the part of one
 interval whose events were delivered but whose snapshot was not; such a repeat carries the same deterministic
 ``alarm_id`` (consumers store alarms by id), so it is harmless.
 
