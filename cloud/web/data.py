@@ -283,6 +283,36 @@ def device_page(s, tenant_id: int, search: str | None, sort: str, limit: int, of
     return rows, int(total)
 
 
+def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, offset: int) -> tuple[list, int]:
+    """The fleet page's rows as plain tuples ``(id, name, status, last_seen, active alarms)`` and the total;
+    the same filter, order and counts as ``device_page``. PostgreSQL: one statement on the driver's binary
+    cursor (no per-row processing in Python beyond the driver's); SQLite: ``device_page``."""
+    if s.get_bind().dialect.name != "postgresql":
+        rows, total = device_page(s, tenant_id, search, sort, limit, offset, columns=FLEET_COLUMNS)
+        return [tuple(r[:5]) for r in rows], total
+    descending = (sort or "").startswith("-")
+    name = (sort or "id").lstrip("-")
+    if name not in FLEET_SORTS:
+        raise ValueError(f"sort must be one of {', '.join(FLEET_SORTS)} (prefix '-' for descending)")
+    params: dict[str, Any] = {"tenant": tenant_id, "limit": max(0, min(int(limit), 1000)),
+                              "offset": max(0, int(offset))}
+    where = "d.tenant_id = %(tenant)s"
+    if search:
+        params["pattern"] = _like(search)
+        where += " AND (lower(d.id) LIKE %(pattern)s ESCAPE '\\' OR lower(d.name) LIKE %(pattern)s ESCAPE '\\')"
+    order = f"d.{name} DESC NULLS LAST" if descending else f"d.{name} ASC"
+    sql = ("SELECT d.id, d.name, d.status, d.last_seen, coalesce(a.n, 0), count(*) OVER () "
+           "FROM devices d LEFT JOIN (SELECT device_id, count(*) AS n FROM alarms WHERE tenant_id = %(tenant)s "
+           "AND state <> 'cleared' GROUP BY device_id) a ON a.device_id = d.id "
+           f"WHERE {where} ORDER BY {order}, d.id LIMIT %(limit)s OFFSET %(offset)s")
+    with s.connection().connection.dbapi_connection.cursor(binary=True) as cur:
+        rows = cur.execute(sql, params).fetchall()
+    if rows:
+        return [r[:5] for r in rows], int(rows[0][5])
+    _, total = device_page(s, tenant_id, search, sort, 0, 0, columns=FLEET_COLUMNS)
+    return [], total
+
+
 def device_exists(s, tenant_id: int, device_id: str) -> None:
     """NotFound unless the tenant owns the device (a primary-key probe, no ORM object)."""
     found = s.connection().execute(select(Device.id).where(Device.id == device_id, Device.tenant_id == tenant_id)).first()

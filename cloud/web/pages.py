@@ -52,8 +52,8 @@ def fleet():
     except ValueError:
         offset = 0
     s = request_session()
-    rows, total = data.device_page(s, _tid(), search or None, sort, FLEET_PAGE, offset, columns=data.FLEET_COLUMNS)
-    ids = [r.id for r in rows]
+    rows, total = data.fleet_page(s, _tid(), search or None, sort, FLEET_PAGE, offset)
+    ids = [r[0] for r in rows]
     cached = api.cached_latest(ids)
     missing = [i for i in ids if not _has_reading(cached.get(i))]
     stored = data.latest_readings_batch(s, _tid(), missing) if missing else {}
@@ -73,38 +73,37 @@ def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def fleet_rows(rows: list, cached: dict[str, dict], stored: dict[str, dict]) -> Markup:
+def fleet_rows(rows: list[tuple], cached: dict[str, dict], stored: dict[str, dict]) -> Markup:
     """The fleet table's rows, built here rather than in a Jinja loop: a page has up to 200 rows of 7 cells,
     and the loop (attribute lookups, filters, url_for per row) was most of the page's time. Same merge as
     ``api.device_summary``: the cache's status and newer last_seen win over the database row; the reading is
-    the cache's, else the newest stored one. Every value a device or user can name is escaped
+    the cache's, else the newest stored one. ``rows``: (id, name, status, last_seen, alarms). Every value a device or user can name is escaped
     (``html.escape`` with quotes: the same five characters as Jinja's autoescape)."""
     link = html.escape(url_for("pages.device", device_id="x")[:-1])
     out = []
     append = out.append
-    for r in rows:
-        live = cached.get(r.id) or _EMPTY
-        reading = live if _has_reading(live) else (stored.get(r.id) or _EMPTY)
+    for device_id, name, db_status, seen, alarms in rows:
+        live = cached.get(device_id) or _EMPTY
+        reading = live if _has_reading(live) else (stored.get(device_id) or _EMPTY)
         status = live.get("status")
         if status != "online" and status != "offline":
-            status = r.status or ""
-        seen = r.last_seen
+            status = db_status or ""
         live_seen = live.get("last_seen")
         if live_seen.__class__ in (int, float) and (seen is None or live_seen > seen.timestamp() * 1000):
             seen_iso = _iso_ms(live_seen)
         else:
             seen_iso = html.escape(ser.iso(seen)) if seen is not None else ""
-        did, status = html.escape(r.id), html.escape(status)
+        did, status = html.escape(device_id), html.escape(status)
         append(
             f'<tr data-device="{did}">\n'
-            f'<td class="name"><a href="{link}{html.escape(quote(r.id, safe=""))}">{html.escape(r.name)}</a>'
+            f'<td class="name"><a href="{link}{html.escape(quote(device_id, safe=""))}">{html.escape(name)}</a>'
             f'<div class="muted small">{did}</div></td>\n'
             f'<td class="status"><span class="badge {status}">{status}</span></td>\n'
             f'<td class="last-seen" data-iso="{seen_iso}">{seen_iso or "—"}</td>\n'
             f'<td class="num t">{_num(reading.get("t"), "%.2f")}</td>\n'
             f'<td class="num h">{_num(reading.get("h"), "%.1f")}</td>\n'
             f'<td class="num p">{_num(reading.get("p"), "%.1f")}</td>\n'
-            f'<td class="num alarms">{int(r.alarms)}</td>\n</tr>\n')
+            f'<td class="num alarms">{int(alarms)}</td>\n</tr>\n')
     return Markup("".join(out))
 
 

@@ -16,7 +16,6 @@ from werkzeug.serving import make_server
 from cloud import db
 from cloud import settings as settings_mod
 from cloud.bus.memory import MemoryBus
-from cloud.cache import MemoryCache, RedisCache
 from cloud.db import repo
 
 PASSWORD = "correct horse battery"
@@ -57,18 +56,10 @@ class World:
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def backend(request, tmp_path_factory):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('webdb')}/web.db"
-        cache = MemoryCache()
-    else:
-        pg = request.getfixturevalue("postgres")
-        rd = request.getfixturevalue("redis")
-        url, cache = pg.url, RedisCache(rd.url)
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    from cloud.db import maintenance
-    maintenance.ensure_partitions(engine)  # PostgreSQL: telemetry is partitioned by day
+def backend(request, make_backend):
+    """SQLite + in-memory cache, or a database of its own on the shared PostgreSQL + the shared Redis
+    (``make_backend`` of tests/conftest.py: migrated, telemetry partitions created)."""
+    url, engine, cache = make_backend(request, request.param, "web")
     yield Backend(request.param, url, engine, cache)
     engine.dispose()
 
