@@ -9,8 +9,16 @@ MQTT -> bus, at least once
     original bytes to the kind's topic, key = device id, headers ``mqtt_topic``/``received_ms``; invalid: a
     :func:`cloud.schema.dead_letter` record on the dead-letter topic). PUBACKs go out in the order the PUBLISHes
     came in (MQTT 4.6.0-2), so a message that waits for the bus holds back the acks behind it. A failed delivery is
-    produced again with backoff and never acknowledged before it succeeds. Per-device order is Kafka's partition
-    order (key = device id, idempotent producer).
+    produced again with backoff and never acknowledged before it succeeds; from the first failure on, records go
+    through a fresh producer (new producer id, see ``Bridge._rotate``), never again through one whose idempotence
+    state went through librdkafka's timeout recovery. Per-device order is Kafka's partition order (key = device
+    id, idempotent producer) as long as no delivery fails.
+
+Hot path
+    FastClient hands over the PUBLISHes of one socket read as a batch; telemetry is checked with
+    ``schema.check_telemetry`` (orjson, no objects built), each record goes to ``Producer.send`` with a bare
+    delivery report (no Record per message), the PUBACKs of a run of confirmed messages go out as one write,
+    and Prometheus counters are updated in bulk every 0.5 s.
 
 Backpressure
     At most ``settings.bridge_max_inflight`` messages are unacknowledged: the MQTT v5 CONNECT carries it as
@@ -49,7 +57,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from prometheus_client import Counter, Gauge, Histogram
 
 from cloud import schema
-from cloud.bus import Bus, BusError, Record
+from cloud.bus import UNCONFIRMED, Bus, BusError, Record
 from cloud.mqtt import MQTTv5, MQTTv311, Backoff, FastClient, connect, new_client
 from cloud.settings import Settings, redacted
 
@@ -155,6 +163,8 @@ class Bridge:
         # ingest state (owned by the ingest thread)
         self._client: FastClient | None = None
         self._producer = None
+        self._pgen = 0  # generation of self._producer (a fresh producer after a failed delivery, see _rotate)
+        self._retired: list = []  # earlier producers, polled until their outstanding reports are in
         self._inflight: deque[list] = deque()
         self._retries: list[tuple[float, int, list]] = []
         self._retry_seq = itertools.count()
@@ -282,7 +292,7 @@ class Bridge:
         gen = self._gen
         routes = self._routes
         append = self._inflight.append
-        send = self._send
+        delivered = self._delivered
         max_bytes = self.settings.max_payload_bytes
         n_received = self._n_received
         for mid, qos, topic_bytes, payload in batch:
@@ -292,16 +302,23 @@ class Bridge:
                 if reason is not None:
                     raise schema.Rejected(reason)
                 validator(device, payload, max_bytes)
-                entry = [mid, qos, gen, False, now, dest, device, payload, [topic_header, received], kind, 0]
+                headers = [topic_header, received]
+                entry = [mid, qos, gen, False, now, dest, device, payload, headers, kind, 0]
             except schema.Rejected as exc:
                 entry = self._dead_entry(mid, qos, now, topic_bytes, topic, device, payload, exc.reason)
+                dest, headers, payload = entry[_TOPIC], entry[_HEADERS], entry[_VALUE]
             except Exception as exc:  # never crash on input
                 log.exception("unexpected error handling a message on %r", topic)
                 entry = self._dead_entry(mid, qos, now, topic_bytes, topic, device, payload,
                                          f"internal error: {exc}")
+                dest, headers, payload = entry[_TOPIC], entry[_HEADERS], entry[_VALUE]
             n_received[kind] += 1
             append(entry)
-            send(entry)
+            pgen = self._pgen
+            try:  # (self._send, inlined)
+                self._producer.send(dest, device, payload, headers, partial(delivered, entry, pgen))
+            except Exception as exc:  # e.g. a closed or broken producer: treat like a failed delivery
+                delivered(entry, pgen, exc)
         self._counts["received"] += len(batch)
 
     def _dead_entry(self, mid: int, qos: int, now: float, topic_bytes: bytes, topic: str, device: str | None,
@@ -316,15 +333,18 @@ class Bridge:
                 "deadletter", 0]
 
     def _send(self, entry: list) -> None:
+        pgen = self._pgen
         try:
             self._producer.send(entry[_TOPIC], entry[_KEY], entry[_VALUE], entry[_HEADERS],
-                                partial(self._delivered, entry))
+                                partial(self._delivered, entry, pgen))
         except Exception as exc:  # e.g. a closed or broken producer: treat like a failed delivery
-            self._delivered(entry, exc)
+            self._delivered(entry, pgen, exc)
 
-    def _delivered(self, entry: list, err: Any, _msg: Any = None) -> None:
+    def _delivered(self, entry: list, pgen: int, err: Any, _msg: Any = None) -> None:
         """Delivery report of one record (inside producer.poll): success marks the entry done, so its PUBACK
-        can go out; a failure schedules the record again."""
+        can go out; a failure schedules the record again, on a fresh producer (see _rotate)."""
+        if err is None and _msg is not None and _msg.offset() < 0:
+            err = UNCONFIRMED  # reported delivered without an offset: not a confirmation (see cloud.bus)
         if err is None:
             entry[_DONE] = True
             latency = self._poll_now - entry[_T0]
@@ -345,6 +365,45 @@ class Bridge:
             self._failure_logged_at = time.monotonic()
             self._failures_since_log = 0
         heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
+        if pgen == self._pgen:
+            self._rotate(err)
+
+    def _new_producer(self):
+        if self.producer_options:
+            return self.bus.producer("bridge", **self.producer_options)  # type: ignore[call-arg]
+        return self.bus.producer("bridge")
+
+    def _rotate(self, err: Any) -> None:
+        """Send everything from now on (retries included) through a fresh producer.
+
+        A failed or unconfirmed delivery report means the idempotent producer's sequence state no longer
+        matches the broker's (timed-out batches possibly written, or batches it believes written that are not,
+        see cloud.bus.UNCONFIRMED). Records sent again under the same producer id go through librdkafka's
+        recovery of that state, where such mismatches are decided by sequence numbers alone; under a new
+        producer id a resent record is at worst a duplicate. (Hardening: the loss seen in the tests is caught
+        by the offset check in _delivered; this keeps retries out of the recovery path as well.) The old
+        producer is polled until its outstanding reports are in, then closed."""
+        if len(self._retired) >= 16:  # a long outage: keep the current one rather than pile up producers
+            return
+        try:
+            fresh = self._new_producer()
+        except Exception:  # noqa: BLE001 (keep the current producer; the retry will fail again and tell)
+            log.exception("could not create a new bus producer")
+            return
+        self._retired.append(self._producer)
+        self._producer = fresh
+        self._pgen += 1
+        log.info("bus delivery failed (%s): records are sent again through a new producer (%d earlier "
+                 "producers still finishing)", err, len(self._retired))
+
+    def _poll_retired(self, timeout: float = 0.0) -> None:
+        for producer in list(self._retired):
+            if producer.flush(timeout) == 0:  # serves its reports; 0: nothing outstanding any more
+                self._retired.remove(producer)
+                try:
+                    producer.close()
+                except Exception:  # noqa: BLE001
+                    pass
 
     def _flush_metrics(self) -> None:
         """Add the per-message counts gathered since the last call to the Prometheus metrics."""
@@ -403,16 +462,12 @@ class Bridge:
         return acked
 
     def _ingest_loop(self, stop: threading.Event) -> None:
-        if self.producer_options:
-            self._producer = self.bus.producer("bridge", **self.producer_options)  # type: ignore[call-arg]
-        else:
-            self._producer = self.bus.producer("bridge")
+        self._producer = self._new_producer()
         client = self._client = self._new_ingest_client()
         backoff = Backoff(0.2, 10.0)
         next_connect = 0.0
         next_misc = 0.0
         self._ingest_alive = True
-        producer = self._producer
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -429,7 +484,7 @@ class Bridge:
                                         redacted(self.settings.mqtt_url), exc, delay)
                             next_connect = now + delay
                     if sock is None:
-                        self._pump_bus(producer)
+                        self._pump_bus()
                         stop.wait(min(0.05, max(0.0, next_connect - time.monotonic())))
                         continue
                 inflight = self._inflight
@@ -447,7 +502,7 @@ class Bridge:
                 if r or pending:
                     # bounded, so delivery reports and acks are served between reads
                     rc = client.read_packets(max(1, min(500, self.max_inflight - len(inflight))))
-                self._pump_bus(producer)
+                self._pump_bus()
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is not None and client.want_write():
                     rc = client.loop_write()
                 if now >= next_misc:
@@ -469,9 +524,11 @@ class Bridge:
         finally:
             self._ingest_alive = False
 
-    def _pump_bus(self, producer) -> None:
+    def _pump_bus(self) -> None:
         self._poll_now = time.time()
-        producer.poll(0)
+        self._producer.poll(0)
+        if self._retired:
+            self._poll_retired()
         if self._retries:
             self._retry_due()
         if self._inflight and self._inflight[0][_DONE]:
@@ -479,12 +536,14 @@ class Bridge:
 
     def _shutdown(self) -> None:
         """Stop reading, wait (bounded) for outstanding deliveries, ack them, disconnect (session kept)."""
-        client, producer = self._client, self._producer
+        client = self._client
         deadline = time.monotonic() + 15
         log.info("bridge stopping: %d messages in flight", len(self._inflight))
         while self._inflight and time.monotonic() < deadline:
             self._poll_now = time.time()
-            producer.poll(0.05)
+            self._producer.poll(0.05)
+            if self._retired:
+                self._poll_retired()
             if self._retries:
                 self._retry_due()
             self._ack_done()
@@ -500,10 +559,12 @@ class Bridge:
                 client.loop_write()
             except Exception:  # noqa: BLE001
                 pass
-        try:
-            producer.flush(5)
-        except Exception:  # noqa: BLE001
-            pass
+        for producer in (self._producer, *self._retired):
+            try:
+                producer.flush(5)
+            except Exception:  # noqa: BLE001
+                pass
+        self._retired.clear()
         self._connected = False
         MQTT_CONNECTED.set(0)
         self._flush_metrics()

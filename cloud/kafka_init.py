@@ -93,15 +93,11 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: flo
         existing = metadata.topics.get(name)
         if existing is not None and existing.error is None:
             report.existing.append(name)
-            have = len(existing.partitions)
-            if have < settings.kafka_partitions:
-                msg = (f"topic {name} has {have} partitions, fewer than IOT_KAFKA_PARTITIONS="
-                       f"{settings.kafka_partitions}; left unchanged (adding partitions would move device keys)")
-                log.warning(msg)
-                report.warnings.append(msg)
+            _check_partitions(name, len(existing.partitions), settings, report)
         else:
             missing.append(name)
 
+    raced: list[str] = []
     if missing:
         futures = admin.create_topics(
             [NewTopic(name, num_partitions=settings.kafka_partitions,
@@ -117,12 +113,30 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: flo
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    report.existing.append(name)  # created concurrently by another kafka-init
+                    # created concurrently, or so recently that the metadata we read did not show it yet
+                    report.existing.append(name)
+                    raced.append(name)
                     continue
                 raise KafkaInitError(f"cannot create topic {name}: {err.str() if isinstance(err, KafkaError) else exc}"
                                      ) from None
-        _wait_visible(admin, report.created, deadline=time.monotonic() + max(10.0, timeout / 2))
+        _wait_visible(admin, report.created + raced, deadline=time.monotonic() + max(10.0, timeout / 2))
+    if raced:
+        try:
+            topics = admin.list_topics(timeout=10).topics
+        except KafkaException:
+            topics = {}
+        for name in raced:
+            if name in topics and topics[name].error is None:
+                _check_partitions(name, len(topics[name].partitions), settings, report)
     return report
+
+
+def _check_partitions(name: str, have: int, settings: Settings, report: InitReport) -> None:
+    if have < settings.kafka_partitions:
+        msg = (f"topic {name} has {have} partitions, fewer than IOT_KAFKA_PARTITIONS="
+               f"{settings.kafka_partitions}; left unchanged (adding partitions would move device keys)")
+        log.warning(msg)
+        report.warnings.append(msg)
 
 
 def _wait_visible(admin: AdminClient, names: list[str], deadline: float) -> None:

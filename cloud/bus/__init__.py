@@ -61,6 +61,18 @@ class Record:
                 f"timestamp_ms={self.timestamp_ms!r})")
 
 
+# A delivery report without an offset is not a confirmation. librdkafka's idempotent producer turns some broker
+# errors for a retried batch into "delivered" (DUPLICATE_SEQUENCE_NUMBER, or an out-of-order answer for
+# sequences it believes already written); the broker answers an error with base offset -1, so such reports have
+# no offset, while a batch the broker really appended (also a recognised duplicate) always has one. The belief
+# can be wrong: a broker with no state for a producer on a partition accepts any sequence, so when the first
+# batch of a fresh partition fails (e.g. leader not ready) and the next one is accepted, the first one's retry
+# looks old and is reported delivered although it was never written. Seen in the bridge's Kafka-outage test:
+# the partition log begins at baseSequence 3 (producer 0, epoch 0) and the records with sequences 0-2, reported
+# delivered and acknowledged to MQTT, are missing.
+UNCONFIRMED = "delivery reported without an offset (not confirmed by the broker)"
+
+
 DeliveryCallback = Callable[[Exception | None, Record | None], None]
 # Lean delivery report for hot paths (see Producer.send): report(error_or_None, backend_specific_ignored)
 Report = Callable[[Any, Any], None]
@@ -78,9 +90,11 @@ class Producer(Protocol):
     def send(self, topic: str, key: str | None, value: bytes, headers: list[tuple[str, bytes]] | None,
              report: Report) -> None:
         """The lean form of ``produce`` for hot paths (the bridge): headers as a list of ``(name, bytes)``, and
-        ``report(err, _)`` runs later inside ``poll``/``flush`` with ``err`` None once the bus has the record,
-        or an error object (``str()`` says what failed) if it does not. The second argument is backend-specific
-        and must be ignored: no Record is built for the report."""
+        ``report(err, msg)`` runs later inside ``poll``/``flush``: ``err`` is an error object (``str()`` says
+        what failed) or None when the bus reports the record written; then ``msg.offset()`` is where it was
+        written, and a negative offset means the report is NOT a confirmation (librdkafka's idempotent producer
+        can report a batch it never wrote as delivered, see ``UNCONFIRMED``): treat it as a
+        failure. No Record is built for the report."""
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks; returns how many were served."""

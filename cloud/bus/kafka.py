@@ -8,7 +8,7 @@ from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Producer as _Producer
 
-from cloud.bus import BusError, DeliveryCallback, Record, Report
+from cloud.bus import UNCONFIRMED, BusError, DeliveryCallback, Record, Report
 from cloud.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class KafkaProducer:
             def callback(err, msg, _cb=on_delivery):
                 if err is not None:
                     _cb(BusError(str(err)), None)
+                elif msg.offset() < 0:
+                    _cb(BusError(UNCONFIRMED), None)
                 else:
                     _cb(None, _record(msg))
         while True:

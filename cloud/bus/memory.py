@@ -116,6 +116,18 @@ class MemoryBus:
             part.base += 1
 
 
+class _Written:
+    """What ``MemoryProducer.send``'s report gets on success: ``offset()`` like a confluent-kafka Message."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def offset(self) -> int:
+        return self.record.offset
+
+
 class MemoryProducer:
     def __init__(self, bus: MemoryBus):
         self._bus = bus
@@ -136,7 +148,7 @@ class MemoryProducer:
             raise BusError("producer is closed")
         decoded = {k: (v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v))
                    for k, v in headers or ()}
-        self._pending.append((report, self._bus._append(topic, key, value, decoded)))
+        self._pending.append((report, _Written(self._bus._append(topic, key, value, decoded))))
 
     def poll(self, timeout: float = 0.0) -> int:
         served = 0
@@ -150,7 +162,10 @@ class MemoryProducer:
 
     def flush(self, timeout: float | None = None) -> int:
         self.poll()
-        return 0
+        if self._pending and timeout != 0:  # reports a subclass holds back (tests): wait a little, like Kafka
+            time.sleep(0.01 if timeout is None else min(timeout, 0.01))
+            self.poll()
+        return len(self._pending)
 
     def close(self) -> None:
         self.flush()

@@ -37,15 +37,23 @@ def drain(consumer, want: int, timeout: float = 20) -> list:
 
 
 class ControlledBus(MemoryBus):
-    """A MemoryBus whose producers hold back delivery reports while ``held`` and fail the first ``fail``."""
+    """A MemoryBus whose producers hold back delivery reports while ``held``, fail the first ``fail``, and
+    report the next ``unconfirmed`` lean sends as delivered without an offset (what librdkafka's idempotent
+    producer does for a batch it wrongly believes already written)."""
 
     def __init__(self):
         super().__init__(partitions=6)
         self.held = False
         self.fail = 0
+        self.unconfirmed = 0
 
     def producer(self, name: str = "", **_):
         return ControlledProducer(self)
+
+
+class _NoOffset:
+    def offset(self) -> int:
+        return -1
 
 
 class ControlledProducer(MemoryProducer):
@@ -60,6 +68,9 @@ class ControlledProducer(MemoryProducer):
             if bus.fail > 0:
                 bus.fail -= 1
                 callback(BusError("simulated message timeout"), None)
+            elif bus.unconfirmed > 0 and callable(getattr(record, "offset", None)):  # a Producer.send report
+                bus.unconfirmed -= 1
+                callback(None, _NoOffset())
             else:
                 callback(None, record)
             served += 1
@@ -138,6 +149,24 @@ def test_delivery_failure_is_retried_not_acked(bridge_mosquitto):
         pub.loop_stop()
     records = drain(consumer, 25)
     assert {json.loads(r.value)["seq"] for r in records} == set(range(20))
+
+
+def test_delivery_report_without_offset_is_not_a_confirmation(bridge_mosquitto):
+    settings = unique_settings(bridge_mosquitto.url, None)
+    bus = ControlledBus()
+    bus.unconfirmed = 5
+    consumer = bus.consumer("check", [settings.topics.telemetry])
+    with bridge_thread(settings, bus, commands=False) as bridge:
+        pub = mqtt_client(bridge_mosquitto.url, "unconf-pub")
+        for seq in range(20):
+            pub.publish("devices/u1/telemetry", telemetry("u1", 1, seq), qos=1)
+        wait_for(lambda: bridge.health()[1]["acked"] == 20, 20, "unconfirmed deliveries were not sent again")
+        health = bridge.health()[1]
+        assert health["delivery_failures"] == 5 and "without an offset" in health["last_delivery_error"]
+        pub.disconnect()
+        pub.loop_stop()
+    records = drain(consumer, 25)
+    assert sorted(json.loads(r.value)["seq"] for r in records) == sorted([*range(20), *range(5)])
 
 
 def test_broker_restart_reconnects_and_resubscribes(own_mosquitto):
