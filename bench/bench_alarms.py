@@ -92,7 +92,8 @@ def produce_backlog(bus: KafkaBus, topic: str, devices: list[str], per_device: i
 
 def live_load(bootstrap: str, topic: str, n_devices: int, first_seq: int, rate: int, seconds: float,
               result) -> None:
-    """The latency phase's readings at a steady rate, in a child process; puts (sent, seconds) on ``result``."""
+    """The latency phase's readings at a steady rate, in a child process; puts (sent, seconds, start in unix ms)
+    on ``result``."""
     bus = KafkaBus(bootstrap)
     producer = bus.producer("bench-live")
     devices = [f"bench-{i:05d}" for i in range(n_devices)]
@@ -100,6 +101,7 @@ def live_load(bootstrap: str, topic: str, n_devices: int, first_seq: int, rate: 
     seqs = {d: first_seq for d in devices}
     sent = 0
     t0 = time.monotonic()
+    start_ms = int(time.time() * 1000)
     interval = 0.01
     per_tick = max(1, int(rate * interval))
     while time.monotonic() - t0 < seconds:
@@ -116,7 +118,7 @@ def live_load(bootstrap: str, topic: str, n_devices: int, first_seq: int, rate: 
         if sleep > 0:
             time.sleep(sleep)
     producer.flush(30)
-    result.put((sent, time.monotonic() - t0))
+    result.put((sent, time.monotonic() - t0, start_ms))
 
 
 def thread_sched(native_id: int) -> tuple[float, float]:
@@ -140,11 +142,14 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--per-device", type=int, default=100, help="backlog readings per device")
     parser.add_argument("--rate", type=int, default=10_000, help="readings/s in the latency phase")
-    parser.add_argument("--seconds", type=int, default=10, help="length of the latency phase")
+    parser.add_argument("--seconds", type=int, default=10, help="length of the latency phase (measured part)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="seconds of the latency phase before measuring (the load process starting up on the "
+                             "same cores, the first checkpoint and timer pass after the backlog)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.devices, args.per_device, args.rate, args.seconds = 1000, 20, 2000, 3
+        args.devices, args.per_device, args.rate, args.seconds, args.warmup = 1000, 20, 2000, 3, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cloud").setLevel(logging.WARNING)
 
@@ -213,7 +218,7 @@ def main() -> int:
                  drain_ran, drain_waited, events_backlog)
 
         # --- latency phase ----------------------------------------------------------------------------------
-        delays: list[float] = []
+        timed: list[tuple[int, float]] = []  # (reading ts, delay ms) of each "raised" of the hot rule
         out = bus.consumer(f"bench-out-{uid}", [topics.alarms], **{"fetch.wait.max.ms": 5,
                                                                      "auto.offset.reset": "latest"})
         # join the group and get assigned before measuring
@@ -233,7 +238,7 @@ def main() -> int:
                         continue
                     event = json.loads(m.value())
                     if event["state"] == "raised" and event["rule"] == "hot" and event["ts"] >= phase_start_ms:
-                        delays.append(received - event["ts"])
+                        timed.append((event["ts"], received - event["ts"]))
 
         reader = threading.Thread(target=read_events, daemon=True)
         reader.start()
@@ -243,9 +248,10 @@ def main() -> int:
         run0, wait0 = thread_sched(thread.native_id)
         live_t0 = time.monotonic()
         loader = ctx.Process(target=live_load, args=(bootstrap, topics.telemetry, len(devices), args.per_device,
-                                                     args.rate, args.seconds, live_result), daemon=True)
+                                                     args.rate, args.warmup + args.seconds, live_result),
+                             daemon=True)
         loader.start()
-        sent, live_s = live_result.get(timeout=args.seconds + 120)
+        sent, live_s, live_start_ms = live_result.get(timeout=args.warmup + args.seconds + 120)
         loader.join(30)
         deadline = time.monotonic() + 30
         while evaluated() - live_start < sent and time.monotonic() < deadline:
@@ -262,6 +268,7 @@ def main() -> int:
         out.close()
         ok, health = svc.health()
 
+        delays = [d for ts, d in timed if ts >= live_start_ms + args.warmup * 1000]
         p50, p99 = percentile(delays, 0.50), percentile(delays, 0.99)
         print()
         print(f"alarm service benchmark ({os.cpu_count()} CPUs; Kafka and the service on the same machine)")
@@ -273,7 +280,7 @@ def main() -> int:
               f"waiting for one")
         print(f"  alarm events from the backlog        {events_backlog:>10,}")
         print(f"  live phase: readings/s produced      {sent / live_s:>10,.0f}  ({sent:,} in {live_s:.1f}s)")
-        print(f"  live phase: raised events measured   {len(delays):>10,}")
+        print(f"  live phase: raised events measured   {len(delays):>10,}  (after the first {args.warmup} s)")
         print(f"  delay reading -> alarm event p50 ms  {p50:>10.1f}")
         print(f"  delay reading -> alarm event p99 ms  {p99:>10.1f}")
         print(f"  service thread during the live phase {live_ran:>9.0f}% on a CPU, {live_waited:.0f}% runnable but "
@@ -294,7 +301,7 @@ def main() -> int:
                   "cpu_us_per_reading": round(cpu_us, 2), "backlog_thread_on_cpu_pct": round(drain_ran),
                   "backlog_thread_cpu_wait_pct": round(drain_waited),
                   "backlog_alarm_events": events_backlog, "live_rate": round(sent / live_s),
-                  "live_events": len(delays), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
+                  "live_events": len(delays), "warmup_s": args.warmup, "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
                   "live_thread_on_cpu_pct": round(live_ran), "live_thread_cpu_wait_pct": round(live_waited),
                   "loadavg_1m": [round(load_start, 1), round(load_end, 1)],
                   "cpu_count": os.cpu_count()}

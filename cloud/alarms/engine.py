@@ -51,7 +51,7 @@ _SOURCE_HEADERS = {SOURCE_HEADER: SOURCE}
 _NO_DEVICES: dict = {}
 MAX_FUTURE_MS = 5 * 60 * 1000  # a device clock further ahead of the cloud than this is not trusted
 COMMAND_TTL_S = 300
-SNAPSHOT_CHUNK = 500  # snapshots produced per loop iteration while a checkpoint is under way (~2 ms)
+SNAPSHOT_CHUNK = 200  # snapshots produced per loop iteration while a checkpoint is under way (~1 ms)
 _loads = orjson.loads
 _dumps = orjson.dumps
 _BAD_INPUT = (orjson.JSONDecodeError, AttributeError, TypeError)  # not JSON, not an object
@@ -106,6 +106,7 @@ class AlarmEngine:
         io.on_assign = self.assign
         io.on_revoke = self.revoke
         io.on_lost = self.lost
+        io.raw_topics = {topics.alarms}  # only _external reads headers
         self._suspended: dict[int, dict[str, R.DeviceState]] = {}
         self._epoch = _Epoch()
         # a checkpoint whose snapshots were produced but not yet confirmed: (its epoch, offsets to commit, started)

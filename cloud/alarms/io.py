@@ -44,6 +44,10 @@ class StreamIO:
 
     def headers(self, raw) -> dict[str, str]: ...
 
+    # the topics whose records need ``raw`` (for their headers); the others get None, so the backbone's message
+    # object dies at the end of poll() instead of living through the batch (garbage-collector work). None = all.
+    raw_topics: set[str] | None = None
+
     def commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool = False) -> None: ...
 
     def produce(self, topic: str, key: str, value: bytes, headers: dict[str, str] | None = None,
@@ -126,14 +130,16 @@ class KafkaIO(StreamIO):
                 msgs += consumer.consume(max_records - 1, 0)
         out = []
         append = out.append
+        raw_topics = self.raw_topics
         for msg in msgs:
             if msg.error() is not None:
                 self._error(msg.error())
                 continue
             key = msg.key()
-            append((msg.topic(), msg.partition(), msg.offset(),
+            topic = msg.topic()
+            append((topic, msg.partition(), msg.offset(),
                     key.decode("utf-8", "replace") if key is not None else None, msg.value() or b"",
-                    msg.timestamp()[1], msg))
+                    msg.timestamp()[1], msg if raw_topics is None or topic in raw_topics else None))
         return out
 
     @staticmethod
