@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import html
 import json
-from datetime import datetime, timezone
+import time
+from functools import lru_cache
 from urllib.parse import quote
 
 from flask import (Blueprint, abort, flash, g, redirect, render_template, request, url_for)
@@ -69,8 +70,16 @@ def _num(value, fmt: str) -> str:
     return fmt % value if value.__class__ in (float, int) else "—"
 
 
-def _iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+@lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _iso_ms(ms: int | float) -> str:
+    """Unix ms -> ISO 8601 UTC with milliseconds. Formatting a time costs ~10 us here and a fleet page has 200;
+    devices reporting every few seconds share their seconds, so those are formatted once (LRU)."""
+    second, milli = divmod(int(ms), 1000)
+    return f"{_iso_second(second)}.{milli:03d}Z"
 
 
 def fleet_rows(rows: list[tuple], cached: dict[str, dict], stored: dict[str, dict]) -> Markup:

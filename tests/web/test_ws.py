@@ -218,3 +218,57 @@ def test_slow_client_does_not_stall_others():
         hub.close()
         for s in (slow_server, slow_peer, fast_server, fast_peer):
             s.close()
+
+
+def test_redis_feed_is_one_subscription_and_recovers_from_a_dropped_connection(redis):
+    """One pub/sub connection carries every tenant's channel; when Redis drops it, the feed reconnects,
+    re-subscribes every tenant and says FEED_RESYNC once (events in between are lost: pub/sub keeps none)."""
+    import redis as redis_lib
+
+    from cloud.cache import FEED_RESYNC, RedisCache
+
+    cache = RedisCache(redis.url)
+    feed = cache.feed()
+    admin = redis_lib.Redis.from_url(redis.url)
+    tenants = (9001, 9002, 9003)
+    try:
+        events = [feed.add(t) for t in tenants]
+
+        def next_item(timeout=10.0):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                item = feed.get(timeout=0.2)
+                if item is not None:
+                    return item
+            return None
+
+        deadline = time.monotonic() + 10
+        while not all(e.is_set() for e in events) and time.monotonic() < deadline:
+            feed.get(timeout=0.1)  # the consumer thread's loop is what subscribes
+        assert all(e.is_set() for e in events)
+        assert admin.pubsub_numsub(*(f"iot:events:{t}" for t in tenants)) == [
+            (f"iot:events:{t}".encode(), 1) for t in tenants]
+        clients = [c for c in admin.client_list() if int(c.get("psub", 0)) + int(c.get("sub", 0)) > 0]
+        assert len(clients) == 1 and int(clients[0]["sub"]) == 3  # one connection for all three tenants
+        cache.publish(9002, {"type": "reading", "n": 1})
+        tenant, payload = next_item()
+        assert tenant == 9002 and json.loads(payload) == {"type": "reading", "n": 1}
+
+        admin.client_kill_filter(_id=clients[0]["id"])
+        assert next_item() == FEED_RESYNC
+        deadline = time.monotonic() + 10
+        while admin.pubsub_numsub("iot:events:9003")[0][1] != 1 and time.monotonic() < deadline:
+            feed.get(timeout=0.1)
+        cache.publish(9003, {"type": "status", "n": 2})
+        tenant, payload = next_item()
+        assert tenant == 9003 and json.loads(payload)["n"] == 2
+
+        feed.remove(9003)
+        deadline = time.monotonic() + 10
+        while admin.pubsub_numsub("iot:events:9003")[0][1] != 0 and time.monotonic() < deadline:
+            feed.get(timeout=0.1)
+        assert admin.pubsub_numsub("iot:events:9003")[0][1] == 0
+    finally:
+        feed.close()
+        cache.close()
+        admin.close()
