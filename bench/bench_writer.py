@@ -352,6 +352,8 @@ def main() -> int:
     parser.add_argument("--keep", metavar="DIR",
                         help="PostgreSQL's data directory lives in DIR and is kept; a later run with the same sizes "
                              "and schema revision reuses its dataset instead of building it again")
+    parser.add_argument("--shared-buffers", default=PG_SETTINGS["shared_buffers"],
+                        help="PostgreSQL shared_buffers for this run (default %(default)s)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the queries")
     parser.add_argument("--skip-queries", action="store_true", help="only the ingest")
     args = parser.parse_args()
@@ -361,6 +363,7 @@ def main() -> int:
                             ("samples", 20)):
             if "--" + name.replace("_", "-") not in given:
                 setattr(args, name, value)
+    PG_SETTINGS["shared_buffers"] = args.shared_buffers
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cloud").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

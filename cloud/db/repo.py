@@ -298,10 +298,41 @@ def latest_readings(session: Session, tenant_id: int, device_id: str, limit: int
     The order is exactly PostgreSQL's primary key (device_id, ts, boot, seq) read backwards, and the daily
     partitions are range partitions on ts, so the plan is an ordered Append of backward key scans that stops at
     ``limit`` rows: usually within the newest partition, without a sort and without opening the older ones."""
+    limit = max(1, min(int(limit), 10_000))
+    if _is_postgres(session):
+        rows = _pg_fetch(session, _PG_LATEST, (tenant_id, device_id, limit))
+        return [Reading(*row) for row in rows]
     query = (select(*_READING_COLUMNS).where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id)
-             .order_by(Telemetry.ts.desc(), Telemetry.boot.desc(), Telemetry.seq.desc())
-             .limit(max(1, min(int(limit), 10_000))))
+             .order_by(Telemetry.ts.desc(), Telemetry.boot.desc(), Telemetry.seq.desc()).limit(limit))
     return [Reading(*row) for row in session.execute(query)]
+
+
+# PostgreSQL read paths: the statement straight on psycopg's cursor in binary format. SQLAlchemy's per-value
+# result processing (type decorators on 500-1,440 rows) was most of these queries' client CPU; psycopg returns
+# timestamptz as aware datetimes in the session's time zone, made timezone.utc below as the ORM path does.
+_PG_LATEST = (f"SELECT {', '.join(Reading.__slots__)} FROM telemetry WHERE tenant_id = %s AND device_id = %s "
+              "ORDER BY ts DESC, boot DESC, seq DESC LIMIT %s")
+_PG_ROLLUP = {
+    name: ("SELECT bucket, n, " + ", ".join(f"CASE WHEN {m}_n > 0 THEN {m}_sum / {m}_n END, {m}_min, {m}_max"
+                                           for m in "thp")
+           + f" FROM {model.__tablename__} WHERE tenant_id = %s AND device_id = %s AND bucket >= %s "
+             "AND bucket < %s ORDER BY bucket LIMIT %s")
+    for name, model in ROLLUPS.items()}
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _pg_fetch(session: Session, sql: str, params: tuple) -> list[tuple]:
+    """Rows of ``sql`` from the session's own connection (its transaction), with every datetime in UTC."""
+    with session.connection().connection.driver_connection.cursor(binary=True) as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    if rows and any(isinstance(v, datetime) and v.tzinfo is not timezone.utc for v in rows[0]):
+        utc = timezone.utc
+        rows = [tuple(v.astimezone(utc) if isinstance(v, datetime) else v for v in row) for row in rows]
+    return rows
 
 
 def latest_reading_per_device(session: Session, tenant_id: int, device_ids: list[str]) -> dict[str, Reading]:
@@ -356,6 +387,10 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
     # plain columns, not ORM entities, and the averages computed by the database: a day of one-minute buckets is
     # 1,440 rows, and building (and identity-mapping) an object per row cost more than the query itself. On
     # PostgreSQL the key (device_id, bucket) INCLUDEs every column: an index-only scan in bucket order.
+    if _is_postgres(session):
+        rows = _pg_fetch(session, _PG_ROLLUP[resolution], (tenant_id, device_id, first_bucket, end,
+                                                           HISTORY_MAX_POINTS))
+        return {"resolution": resolution, "bucket_s": unit, "points": [dict(zip(_ROLLUP_KEYS, r)) for r in rows]}
     columns = [model.bucket, model.n]
     for m in "thp":
         count, total = getattr(model, f"{m}_n"), getattr(model, f"{m}_sum")
