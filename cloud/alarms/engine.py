@@ -204,6 +204,11 @@ class AlarmEngine:
         newest: dict[int, int] = {}
         applied = late = duplicates = invalid = 0
         for topic, p, offset, device, value, seen, raw in records:
+            part = parts.get(p)
+            if part is None:
+                # fetched before a rebalance that ran inside this poll took the partition away: its new owner (or
+                # this instance, if it got it back) reads it again from the committed offset
+                continue
             offsets[(topic, p)] = offset + 1
             newest[p] = seen
             if topic != telemetry:
@@ -214,9 +219,6 @@ class AlarmEngine:
                 continue
             if not device:
                 continue
-            part = parts.get(p)
-            if part is None:
-                part = parts[p] = {}
             dev = part.get(device)
             rules = cached_rules(device) or rules_for(device)
             if dev is None:
@@ -267,7 +269,7 @@ class AlarmEngine:
     def _state(self, p: int, device: str, create: bool) -> R.DeviceState | None:
         part = self.parts.get(p)
         if part is None:
-            part = self.parts[p] = {}
+            return None  # not (or no longer) this instance's partition
         dev = part.get(device)
         if dev is None and create:
             dev = part[device] = R.DeviceState()

@@ -288,3 +288,23 @@ def test_failed_delivery_is_never_committed(memory_rig):
     with pytest.raises(RuntimeError, match="not committed"):
         rig.engine.checkpoint()
     assert commits == []
+
+
+def test_records_of_a_partition_given_away_during_the_poll_are_not_processed(memory_rig):
+    """A rebalance can run inside the consumer's poll, after some records of a revoked partition were fetched: the
+    engine must not build state or raise alarms for them (the partition's new owner reads them again)."""
+    from tests.alarms.conftest import reading
+
+    rig = memory_rig([HOT])
+    rig.send("d1", 0, t=25)
+    p = next(p for p, part in rig.engine.parts.items() if "d1" in part)
+    rig.producer.produce(rig.topics.telemetry, "d1", reading("d1", 2, 10, t=35))
+    records = rig.io.poll(100, 0)
+    assert [r[1] for r in records] == [p]
+    rig.engine.revoke({p})  # what the rebalance callback does
+    rig.engine.process(records)
+    assert rig.engine.device_state("d1") is None and rig.drain() == ([], [])
+    assert (rig.topics.telemetry, p) not in rig.engine.offsets
+    rig.engine.assign({p})  # back again: the kept state is exact, the record is read again and raises once
+    rig.engine.process(records)
+    assert [e["state"] for e in rig.drain()[0]] == ["raised"]
