@@ -279,16 +279,28 @@ class Reading:
     for reading only. (Building and identity-mapping an ORM entity per row cost more than the query itself for
     the 500-row page the dashboard asks for.)"""
 
-    __slots__ = tuple(c.name for c in Telemetry.__table__.columns)
+    __slots__ = ("device_id", "boot", "seq", "tenant_id", "ts", "received_at", "t", "h", "p", "rssi", "up",
+                 "ts_estimated")  # Telemetry's columns (checked below)
 
-    def __init__(self, *values: Any):
-        for name, value in zip(self.__slots__, values):
-            setattr(self, name, value)
+    def __init__(self, device_id, boot, seq, tenant_id, ts, received_at, t, h, p, rssi, up, ts_estimated):
+        self.device_id = device_id
+        self.boot = boot
+        self.seq = seq
+        self.tenant_id = tenant_id
+        self.ts = ts
+        self.received_at = received_at
+        self.t = t
+        self.h = h
+        self.p = p
+        self.rssi = rssi
+        self.up = up
+        self.ts_estimated = ts_estimated
 
     def __repr__(self) -> str:
         return f"Reading({self.device_id!r}, boot={self.boot}, seq={self.seq}, ts={self.ts!s})"
 
 
+assert set(Reading.__slots__) == {c.name for c in Telemetry.__table__.columns}, "Reading must mirror Telemetry"
 _READING_COLUMNS = [Telemetry.__table__.c[name] for name in Reading.__slots__]
 
 
@@ -309,7 +321,7 @@ def latest_readings(session: Session, tenant_id: int, device_id: str, limit: int
 
 # PostgreSQL read paths: the statement straight on psycopg's cursor in binary format. SQLAlchemy's per-value
 # result processing (type decorators on 500-1,440 rows) was most of these queries' client CPU; psycopg returns
-# timestamptz as aware datetimes in the session's time zone, made timezone.utc below as the ORM path does.
+# timestamptz as aware datetimes in the session's time zone (UTC on the platform's servers; converted otherwise).
 _PG_LATEST = (f"SELECT {', '.join(Reading.__slots__)} FROM telemetry WHERE tenant_id = %s AND device_id = %s "
               "ORDER BY ts DESC, boot DESC, seq DESC LIMIT %s")
 _PG_ROLLUP = {
@@ -329,10 +341,13 @@ def _pg_fetch(session: Session, sql: str, params: tuple) -> list[tuple]:
     with session.connection().connection.driver_connection.cursor(binary=True) as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    if rows and any(isinstance(v, datetime) and v.tzinfo is not timezone.utc for v in rows[0]):
-        utc = timezone.utc
+    if rows and any(isinstance(v, datetime) and v.utcoffset() != _ZERO for v in rows[0]):
+        utc = timezone.utc  # the session's time zone is not UTC (the values are UTC-aware as they come otherwise)
         rows = [tuple(v.astimezone(utc) if isinstance(v, datetime) else v for v in row) for row in rows]
     return rows
+
+
+_ZERO = timedelta(0)
 
 
 def latest_reading_per_device(session: Session, tenant_id: int, device_ids: list[str]) -> dict[str, Reading]:
