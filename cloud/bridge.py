@@ -165,6 +165,8 @@ class Bridge:
         self._producer = None
         self._pgen = 0  # generation of self._producer (a fresh producer after a failed delivery, see _rotate)
         self._retired: list = []  # earlier producers, polled until their outstanding reports are in
+        self._rotate_for: Any = None  # the failure that asks for a fresh producer (see _rotate)
+        self._poll_errors = 0
         self._inflight: deque[list] = deque()
         self._retries: list[tuple[float, int, list]] = []
         self._retry_seq = itertools.count()
@@ -366,6 +368,13 @@ class Bridge:
             self._failures_since_log = 0
         heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), entry))
         if pgen == self._pgen:
+            # not here: this runs inside the producer's poll() (a librdkafka callback), where creating another
+            # client is not safe; _pump_bus rotates right after poll() returns, before any retry is sent
+            self._rotate_for = err
+
+    def _rotate_if_needed(self) -> None:
+        if self._rotate_for is not None:
+            err, self._rotate_for = self._rotate_for, None
             self._rotate(err)
 
     def _new_producer(self):
@@ -526,9 +535,17 @@ class Bridge:
 
     def _pump_bus(self) -> None:
         self._poll_now = time.time()
-        self._producer.poll(0)
+        try:
+            self._producer.poll(0)
+        except Exception:  # noqa: BLE001 (seen once: a SystemError out of confluent-kafka's poll while the
+            # broker could not hand out producer ids; reports not served yet stay queued for the next poll)
+            self._poll_errors += 1
+            if self._poll_errors <= 3 or self._poll_errors % 1000 == 0:
+                log.exception("bus producer poll failed (%d so far); continuing", self._poll_errors)
+        self._rotate_if_needed()
         if self._retired:
             self._poll_retired()
+            self._rotate_if_needed()
         if self._retries:
             self._retry_due()
         if self._inflight and self._inflight[0][_DONE]:
@@ -542,8 +559,10 @@ class Bridge:
         while self._inflight and time.monotonic() < deadline:
             self._poll_now = time.time()
             self._producer.poll(0.05)
+            self._rotate_if_needed()
             if self._retired:
                 self._poll_retired()
+                self._rotate_if_needed()
             if self._retries:
                 self._retry_due()
             self._ack_done()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 import uuid
@@ -155,6 +156,7 @@ def bridge_thread(settings: Settings, bus, **options):
         try:
             bridge.run(stop)
         except BaseException as exc:  # noqa: BLE001
+            traceback.print_exc()  # where the bridge thread died (the assertion below shows only the error)
             errors.append(exc)
 
     thread = threading.Thread(target=target, name="bridge-under-test", daemon=True)
