@@ -345,8 +345,10 @@ class Bridge:
     def _delivered(self, entry: list, pgen: int, err: Any, _msg: Any = None) -> None:
         """Delivery report of one record (inside producer.poll): success marks the entry done, so its PUBACK
         can go out; a failure schedules the record again, on a fresh producer (see _rotate)."""
-        if err is None and _msg is not None and _msg.offset() < 0:
-            err = UNCONFIRMED  # reported delivered without an offset: not a confirmation (see cloud.bus)
+        if err is None and _msg is not None:
+            offset = _msg.offset()  # confluent-kafka: None when librdkafka has no valid offset
+            if offset is None or offset < 0:
+                err = UNCONFIRMED  # reported delivered without an offset: not a confirmation (see cloud.bus)
         if err is None:
             entry[_DONE] = True
             latency = self._poll_now - entry[_T0]

@@ -92,7 +92,8 @@ class Producer(Protocol):
         """The lean form of ``produce`` for hot paths (the bridge): headers as a list of ``(name, bytes)``, and
         ``report(err, msg)`` runs later inside ``poll``/``flush``: ``err`` is an error object (``str()`` says
         what failed) or None when the bus reports the record written; then ``msg.offset()`` is where it was
-        written, and a negative offset means the report is NOT a confirmation (librdkafka's idempotent producer
+        written, and an offset that is None (confluent-kafka's value for "no valid offset") or negative means the
+        report is NOT a confirmation (librdkafka's idempotent producer
         can report a batch it never wrote as delivered, see ``UNCONFIRMED``): treat it as a
         failure. No Record is built for the report."""
 

@@ -73,7 +73,7 @@ class KafkaProducer:
             def callback(err, msg, _cb=on_delivery):
                 if err is not None:
                     _cb(BusError(str(err)), None)
-                elif msg.offset() < 0:
+                elif msg.offset() is None or msg.offset() < 0:  # None: librdkafka has no valid offset
                     _cb(BusError(UNCONFIRMED), None)
                 else:
                     _cb(None, _record(msg))

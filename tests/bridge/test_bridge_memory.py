@@ -52,8 +52,8 @@ class ControlledBus(MemoryBus):
 
 
 class _NoOffset:
-    def offset(self) -> int:
-        return -1
+    def offset(self) -> None:
+        return None  # what confluent-kafka's Message.offset() returns when librdkafka has no valid offset
 
 
 class ControlledProducer(MemoryProducer):
