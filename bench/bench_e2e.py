@@ -263,7 +263,8 @@ class Stack:
         if not self.secure:
             self.mq = nativestack.Mosquitto(w / "mosquitto", config_extra=BROKER_CONF)
         self.kafka = nativestack.Kafka(w / "kafka", libs=nativestack.kafka_libs_dir(fetch=True))
-        self.pg = nativestack.Postgres(w / "postgres", fsync=True, settings={"track_commit_timestamp": "on"})
+        self.pg = nativestack.Postgres(w / "postgres", fsync=True,
+                                       settings={**nativestack.DURABLE_PG_SETTINGS, "track_commit_timestamp": "on"})
         self.redis = nativestack.Redis(w / "redis")
         # from the main thread: only then do the children get PR_SET_PDEATHSIG (nothing outlives a killed bench)
         for svc in (self.mq, self.pg, self.redis, self.kafka):

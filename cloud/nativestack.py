@@ -902,6 +902,13 @@ def postgres_bin_dir() -> Path:
     return Path("/usr/lib/postgresql/15/bin")
 
 
+# What `make up` and the end-to-end benchmark give PostgreSQL (the tests keep the small defaults): the telemetry
+# key index grows with every reading and inserts land all over it, so it must stay in memory (measured by
+# bench_writer: 256 MB of buffers was the ingest bottleneck at 10 million rows), and checkpoints should not
+# come every few seconds under load.
+DURABLE_PG_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "2GB"}
+
+
 class Postgres(Service):
     """PostgreSQL cluster (initdb + postmaster in the foreground): ``.port``, ``.url`` (SQLAlchemy),
     ``.dsn`` (psycopg), ``.admin_dsn`` (superuser ``postgres``).
@@ -1246,7 +1253,7 @@ def start_all(base: str | os.PathLike, *, kafka_libs: str | None = None, secure:
     try:
         for factory in (
             lambda: SecureMosquitto(base / "mosquitto") if secure else Mosquitto(base / "mosquitto"),
-            lambda: Postgres(base / "postgres", fsync=durable),
+            lambda: Postgres(base / "postgres", fsync=durable, settings=DURABLE_PG_SETTINGS if durable else None),
             lambda: Redis(base / "redis"),
             lambda: Kafka(base / "kafka", libs=kafka_libs or kafka_libs_dir(fetch=True)),
         ):
