@@ -390,7 +390,7 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
             select(Telemetry.ts, Telemetry.t, Telemetry.h, Telemetry.p, Telemetry.rssi, Telemetry.seq, Telemetry.boot)
             .where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id,
                    Telemetry.ts >= start, Telemetry.ts < end)
-            .order_by(Telemetry.ts, Telemetry.seq).limit(HISTORY_MAX_POINTS))
+            .order_by(Telemetry.ts, Telemetry.boot, Telemetry.seq).limit(HISTORY_MAX_POINTS))
         points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
                   for ts, t, h, p, rssi, seq, boot in rows]
         return {"resolution": "raw", "bucket_s": None, "points": points}

@@ -97,7 +97,7 @@ _EPOCH_MS = "floor(extract(epoch from {}) * 1000)::bigint"
 _RAW_KEYS = ("ts", "t", "h", "p", "rssi", "seq", "boot")
 _RAW_SQL = (f"SELECT {_EPOCH_MS.format('ts')}, t, h, p, rssi, seq, boot FROM {Telemetry.__tablename__} "
             "WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(start)s AND ts < %(end)s "
-            "ORDER BY ts, seq LIMIT %(limit)s")
+            "ORDER BY ts, boot, seq LIMIT %(limit)s")
 _ROLLUP_KEYS = ("ts", "n", "t", "t_min", "t_max", "h", "h_min", "h_max", "p", "p_min", "p_max")
 _ROLLUP_SQL = {
     res: (f"SELECT {_EPOCH_MS.format('bucket')}, n, "
@@ -334,14 +334,14 @@ def latest_readings_batch(s, tenant_id: int, device_ids: list[str]) -> dict[str,
     if s.get_bind().dialect.name == "postgresql":
         ids = func.unnest(literal(list(device_ids), ARRAY(String))).table_valued("id").render_derived(name="ids")
         newest = (select(*cols).where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == ids.c.id)
-                  .order_by(Telemetry.ts.desc(), Telemetry.seq.desc()).limit(1).lateral("newest"))
+                  .order_by(Telemetry.ts.desc(), Telemetry.boot.desc(), Telemetry.seq.desc()).limit(1).lateral("newest"))
         rows = s.connection().execute(select(ids.c.id, *newest.c).select_from(ids).join(newest, true()))
         for device_id, *values in rows:  # unpacked: Row.t is SQLAlchemy's deprecated typed-tuple accessor
             out[device_id] = dict(zip(READING_KEYS, values))
         return out
     for device_id in device_ids:
         row = s.execute(select(*cols).where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id)
-                        .order_by(Telemetry.ts.desc(), Telemetry.seq.desc()).limit(1)).first()
+                        .order_by(Telemetry.ts.desc(), Telemetry.boot.desc(), Telemetry.seq.desc()).limit(1)).first()
         if row is not None:
             out[device_id] = dict(zip(READING_KEYS, row))
     return out
