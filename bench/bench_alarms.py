@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -72,21 +73,31 @@ def reading(device: str, boot: int, seq: int, ts: int, t: float, h: float) -> by
 
 
 def produce_backlog(bus: KafkaBus, topic: str, devices: list[str], per_device: int) -> int:
-    producer = bus.producer("bench-load", **{"linger.ms": 20, "acks": "1", "enable.idempotence": False})
+    # idempotent (the default): a retried batch, common while a fresh broker elects its leaders, is not appended
+    # after later ones, so each device's readings stay in order (the engine takes an older seq for a replay)
+    producer = bus.producer("bench-load", **{"linger.ms": 20})
     rnd = random.Random(1)
     base = int(time.time() * 1000) - per_device * 10_000
     n = 0
+    failed: list = []
+
+    def report(err, _record) -> None:
+        if err is not None:
+            failed.append(err)
+
     for i in range(per_device):
         ts = base + i * 10_000
         for d in devices:
             # ~1 % of readings cross 30 degC (raise), the next reading is back to normal (clear)
             t = 35.0 if rnd.random() < 0.01 else 21.0 + rnd.random()
-            producer.produce(topic, d, reading(d, 1, i + 1, ts, t, 45.0))
+            producer.produce(topic, d, reading(d, 1, i + 1, ts, t, 45.0), on_delivery=report)
             n += 1
             if n % 50_000 == 0:
                 producer.poll(0)
-    producer.flush(120)
+    remaining = producer.flush(120)
     producer.close()
+    if failed or remaining:  # else the service would wait for readings that are not there
+        raise RuntimeError(f"backlog: {len(failed)} readings not delivered ({failed[:1]}), {remaining} still queued")
     return n
 
 
@@ -147,6 +158,7 @@ def main() -> int:
                         help="seconds of the latency phase before measuring (the load process starting up on the "
                              "same cores, the first checkpoint and timer pass after the backlog)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (Kafka data, SQLite)")
     args = parser.parse_args()
     if args.quick:
         args.devices, args.per_device, args.rate, args.seconds, args.warmup = 1000, 20, 2000, 3, 1
@@ -205,9 +217,14 @@ def main() -> int:
         run0, wait0 = thread_sched(thread.native_id)
         # done when every backlog reading was applied once (a rebalance makes the service read some twice: those
         # count as duplicates, i.e. as work, not as progress)
+        progress, progress_at = 0, time.monotonic()
         while svc.engine.counts["readings"] < backlog:
             if not thread.is_alive():
                 raise RuntimeError("alarm service died")
+            if svc.engine.counts["readings"] != progress:
+                progress, progress_at = svc.engine.counts["readings"], time.monotonic()
+            elif time.monotonic() - progress_at > 30:
+                raise RuntimeError(f"no progress for 30 s: {svc.engine.counts}")
             time.sleep(0.01)
         drain_s = time.monotonic() - first
         run1, wait1 = thread_sched(thread.native_id)
@@ -283,7 +300,7 @@ def main() -> int:
               f"waiting for one")
         print(f"  alarm events from the backlog        {events_backlog:>10,}")
         if replayed:
-            print(f"  backlog readings read twice          {replayed:>10,}  (a consumer-group rebalance; recognised by "
+            print(f"  backlog readings taken as replays    {replayed:>10,}  (read again after a rebalance; recognised by "
                   f"(boot, seq))")
         print(f"  live phase: readings/s produced      {sent / live_s:>10,.0f}  ({sent:,} in {live_s:.1f}s)")
         print(f"  live phase: raised events measured   {len(delays):>10,}  (after the first {args.warmup} s)")
@@ -316,6 +333,8 @@ def main() -> int:
     finally:
         for s in services:
             s.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
