@@ -62,7 +62,7 @@ class Settings:
     bridge_max_inflight: int = 10_000
     max_payload_bytes: int = 4096
     writer_batch_size: int = 2000
-    writer_batch_ms: int = 200
+    writer_batch_ms: int = 50
     log_level: str = "INFO"
 
     @property

@@ -215,6 +215,8 @@ def refresh_rollups(engine: Engine, start: datetime, end: datetime, device_ids: 
 
 ROLLUP_LOCK = 0x10_7_0001  # advisory lock: writer transactions hold it shared, the roll-up job exclusively
 ROLLUP_GRACE = timedelta(seconds=15)  # the job stays this far behind the clock (readings still in flight)
+ROLLUP_GRANULE = timedelta(seconds=5)  # the watermark moves in small steps: each job run is short (the writer
+# waits for it), and the roll-ups are additive, so a minute may be completed by several runs
 ROLLUP_STEP = timedelta(hours=1)  # at most this much time per job transaction (catching up after a stop)
 
 _COLUMNS = ("device_id, bucket, tenant_id, n, t_n, t_sum, t_min, t_max, h_n, h_sum, h_min, h_max, "
@@ -264,12 +266,12 @@ def rollup_watermark(engine: Engine) -> datetime | None:
 def advance_rollups(engine: Engine, until: datetime | None = None, now: datetime | None = None,
                     step: timedelta = ROLLUP_STEP) -> int:
     """PostgreSQL: add the readings with ts in [watermark, until) to both roll-ups and move the watermark to
-    ``until`` (default: ``ROLLUP_GRACE`` before now, on a minute boundary). Never moves it back. Returns the
+    ``until`` (default: ``ROLLUP_GRACE`` before now, on a ``ROLLUP_GRANULE`` boundary). Never moves it back. Returns the
     number of readings added. A no-op on SQLite (the writer keeps the roll-ups there itself)."""
     if engine.dialect.name != "postgresql":
         return 0
     if until is None:
-        until = _floor((now or datetime.now(timezone.utc)) - ROLLUP_GRACE, timedelta(minutes=1))
+        until = _floor((now or datetime.now(timezone.utc)) - ROLLUP_GRACE, ROLLUP_GRANULE)
     total = 0
     while True:
         with engine.begin() as conn:
