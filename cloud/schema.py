@@ -92,13 +92,7 @@ def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             data = None
     if type(data) is dict:
-        if b"\\u" in payload:  # only an escape can carry NUL or a lone surrogate this far
-            problem = unstorable_text(data)
-            if problem:
-                raise Rejected(problem)
-        if data.get("v") != VERSION:
-            raise Rejected(f"unsupported schema version v={data.get('v')!r}, expected {VERSION}")
-        return data
+        return _storable_current(data, b"\\u" in payload)
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -115,7 +109,13 @@ def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise Rejected("JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise Rejected(f"expected a JSON object, got {type(data).__name__}")
-    if "\\u" in text:  # only an escape can carry NUL or a lone surrogate this far
+    return _storable_current(data, "\\u" in text)
+
+
+def _storable_current(data: dict[str, Any], escaped: bool) -> dict[str, Any]:
+    """``data`` if its text can be stored and it is this schema version. Only an escape (``escaped``: the raw
+    payload has a ``\\u``) can carry NUL or a lone surrogate past the parser, so only then is the text walked."""
+    if escaped:
         problem = unstorable_text(data)
         if problem:
             raise Rejected(problem)
