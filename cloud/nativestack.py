@@ -25,6 +25,7 @@ starts just the four backing services (anonymous Mosquitto) as before.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import atexit
 import base64
@@ -188,8 +189,8 @@ def _stop_all_at_exit() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class Service:
-    """Common life cycle. Subclasses implement ``_prepare``, ``_command``, ``_ready`` and optionally
+class Service(abc.ABC):
+    """Common life cycle. Subclasses implement ``_command``, ``_ready`` (abstract), ``_prepare`` and optionally
     ``_after_first_ready`` / ``_graceful_signal`` / ``_choose_ports``."""
 
     name = "service"
@@ -215,14 +216,16 @@ class Service:
     def _prepare(self) -> None:
         """One-time setup (config, storage format, initdb)."""
 
-    def _command(self) -> Sequence[str]:  # every concrete service (Mosquitto, Kafka, ...) defines its command
-        raise NotImplementedError(f"{type(self).__name__} must define _command()")
+    @abc.abstractmethod
+    def _command(self) -> Sequence[str]:
+        """The server's command line."""
 
     def _popen_kwargs(self) -> dict:
         return {}
 
-    def _ready(self) -> bool:  # and how to tell that it is ready
-        raise NotImplementedError(f"{type(self).__name__} must define _ready()")
+    @abc.abstractmethod
+    def _ready(self) -> bool:
+        """True once the server answers (polled after start)."""
 
     def _after_first_ready(self) -> None:
         pass

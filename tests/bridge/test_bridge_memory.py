@@ -134,38 +134,34 @@ def test_backpressure_no_ack_before_delivery_then_everything_flows(bridge_mosqui
     assert seqs == list(range(300))
 
 
-def test_delivery_failure_is_retried_not_acked(bridge_mosquitto):
-    settings = unique_settings(bridge_mosquitto.url, None)
+def _stream_through_faulty_bus(url: str, device: str, **faults: int) -> tuple[dict, list]:
+    """20 readings of ``device`` through a bridge whose bus fails the first deliveries as ``faults`` says
+    (ControlledBus ``fail`` / ``unconfirmed``); returns the bridge's health once all 20 are acked, and the records."""
+    settings = unique_settings(url, None)
     bus = ControlledBus()
-    bus.fail = 5
+    for name, count in faults.items():
+        setattr(bus, name, count)
     consumer = bus.consumer("check", [settings.topics.telemetry])
     with bridge_thread(settings, bus, commands=False) as bridge:
-        pub = mqtt_client(bridge_mosquitto.url, "fail-pub")
+        pub = mqtt_client(url, f"{device}-pub")
         for seq in range(20):
-            pub.publish("devices/f1/telemetry", telemetry("f1", 1, seq), qos=1)
-        wait_for(lambda: bridge.health()[1]["acked"] == 20, 20, "failed deliveries were not retried")
-        assert bridge.health()[1]["delivery_failures"] == 5
+            pub.publish(f"devices/{device}/telemetry", telemetry(device, 1, seq), qos=1)
+        wait_for(lambda: bridge.health()[1]["acked"] == 20, 20, "failed deliveries were not sent again")
+        health = bridge.health()[1]
         pub.disconnect()
         pub.loop_stop()
-    records = drain(consumer, 25)
+    return health, drain(consumer, 25)
+
+
+def test_delivery_failure_is_retried_not_acked(bridge_mosquitto):
+    health, records = _stream_through_faulty_bus(bridge_mosquitto.url, "f1", fail=5)
+    assert health["delivery_failures"] == 5
     assert {json.loads(r.value)["seq"] for r in records} == set(range(20))
 
 
 def test_delivery_report_without_offset_is_not_a_confirmation(bridge_mosquitto):
-    settings = unique_settings(bridge_mosquitto.url, None)
-    bus = ControlledBus()
-    bus.unconfirmed = 5
-    consumer = bus.consumer("check", [settings.topics.telemetry])
-    with bridge_thread(settings, bus, commands=False) as bridge:
-        pub = mqtt_client(bridge_mosquitto.url, "unconf-pub")
-        for seq in range(20):
-            pub.publish("devices/u1/telemetry", telemetry("u1", 1, seq), qos=1)
-        wait_for(lambda: bridge.health()[1]["acked"] == 20, 20, "unconfirmed deliveries were not sent again")
-        health = bridge.health()[1]
-        assert health["delivery_failures"] == 5 and "without an offset" in health["last_delivery_error"]
-        pub.disconnect()
-        pub.loop_stop()
-    records = drain(consumer, 25)
+    health, records = _stream_through_faulty_bus(bridge_mosquitto.url, "u1", unconfirmed=5)
+    assert health["delivery_failures"] == 5 and "without an offset" in health["last_delivery_error"]
     assert sorted(json.loads(r.value)["seq"] for r in records) == sorted([*range(20), *range(5)])
 
 
