@@ -239,17 +239,10 @@ class _Server:
         self.httpd.server_close()
 
 
-class _Daemon(threading.Thread):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
 def _ws(server, query: str = "", headers=None):
-    import simple_websocket
+    from tests import wsclient
 
-    return simple_websocket.Client.connect(server.url.replace("http://", "ws://") + "/ws" + query,
-                                           headers=headers, thread_class=_Daemon)
+    return wsclient.connect(server.url.replace("http://", "ws://") + "/ws" + query, headers=headers)
 
 
 def _frames(ws, seconds: float) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -11,19 +12,12 @@ import pytest
 import simple_websocket
 
 from cloud.web.ws import Client, Hub, event_frame
+from tests import wsclient
 from tests.web.conftest import login
 
 
-class DaemonThread(threading.Thread):
-    """simple_websocket's reader thread, as a daemon: a connection left open must not keep pytest alive."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
 def open_ws(url, headers=None):
-    return simple_websocket.Client.connect(url, headers=headers, thread_class=DaemonThread)
+    return wsclient.connect(url, headers=headers)
 
 
 def ws_url(live, token: str | None = None) -> str:
@@ -272,3 +266,34 @@ def test_redis_feed_is_one_subscription_and_recovers_from_a_dropped_connection(r
         feed.close()
         cache.close()
         admin.close()
+
+
+def test_frame_sent_with_the_handshake_is_received():
+    """The server's first frame in the same TCP segment as its 101 reaches the test client (the race that once
+    made ``hello`` look lost on a busy CI machine)."""
+    import base64
+    import hashlib
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: *(\S+)", request, re.I).group(1)
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + event_frame({"type": "hello"}))
+            conn.recv(4096)  # hold the connection until the client closes it
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    ws = wsclient.connect(f"ws://127.0.0.1:{port}/ws")
+    try:
+        assert json.loads(ws.receive(timeout=5.0)) == {"type": "hello"}
+    finally:
+        ws.close()
+        listener.close()
