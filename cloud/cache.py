@@ -383,6 +383,28 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 
+# KEYS: one latest-values hash per device; ARGV: the TTL (0: none), then per key the number of fields and the
+# field/value pairs (values are JSON texts, written as they are)
+_SET_MANY_LUA = """
+local ttl = tonumber(ARGV[1])
+local i = 2
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[i])
+  redis.call('HSET', key, unpack(ARGV, i + 1, i + 2 * n))
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  i = i + 1 + 2 * n
+end
+return #KEYS
+"""
+
+# ARGV: channel, message, channel, message, ...
+_PUBLISH_MANY_LUA = """
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+
 
 class RedisCache:
     def __init__(self, url: str, *, socket_timeout: float = 0.5, retry_after: float = 2.0, ttl_s: int = 0):
@@ -396,6 +418,8 @@ class RedisCache:
         self._down_until = 0.0
         self._last_log = 0.0
         self._get_script = None
+        self._set_script = None
+        self._publish_script = None
 
     # errors: log at most every 10 s, count every one, skip Redis for retry_after seconds
     def _failed(self, op: str, exc: Exception) -> None:
@@ -420,18 +444,25 @@ class RedisCache:
         self.update_many([(tenant_id, device_id, fields)])
 
     def update_many(self, items: list[tuple[int, str, dict]]) -> None:
+        """Every device's fields (each stored as JSON text) in ONE script call: a pipeline of an HSET and an
+        EXPIRE per device, with a json.dumps per field, was a third of the writer's time at 10,000 devices."""
         if not items or not self._available("update"):
             return
+        keys: list[str] = []
+        args: list = [self.ttl_s]
+        dumps = orjson.dumps
+        for tenant_id, device_id, fields in items:
+            keys.append(LATEST_PREFIX + device_id)
+            args.append(len(fields) + 1)
+            for name, value in fields.items():
+                args.append(name)
+                args.append(dumps(value, default=str))
+            args.append("tenant")
+            args.append(dumps(tenant_id))
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for tenant_id, device_id, fields in items:
-                key = LATEST_PREFIX + device_id
-                mapping = {k: json.dumps(v) for k, v in fields.items()}
-                mapping["tenant"] = json.dumps(tenant_id)
-                pipe.hset(key, mapping=mapping)
-                if self.ttl_s:
-                    pipe.expire(key, self.ttl_s)
-            pipe.execute()
+            if self._set_script is None:
+                self._set_script = self._client.register_script(_SET_MANY_LUA)
+            self._set_script(keys=keys, args=args)
         except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
             self._failed("update", exc)
 
@@ -479,11 +510,15 @@ class RedisCache:
     def publish_many(self, events: list[tuple[int, dict]]) -> None:
         if not events or not self._available("publish"):
             return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for tenant_id, event in events:
-                pipe.publish(f"{EVENTS_PREFIX}{tenant_id}", json.dumps(event, separators=(",", ":"), default=str))
-            pipe.execute()
+        args: list = []
+        dumps = orjson.dumps
+        for tenant_id, event in events:
+            args.append(f"{EVENTS_PREFIX}{tenant_id}")
+            args.append(dumps(event, default=str))
+        try:  # one script call, not a PUBLISH each: redis-py packs every command of a pipeline one by one
+            if self._publish_script is None:
+                self._publish_script = self._client.register_script(_PUBLISH_MANY_LUA)
+            self._publish_script(keys=[], args=args)
         except Exception as exc:  # noqa: BLE001
             self._failed("publish", exc)
 

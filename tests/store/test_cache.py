@@ -1,0 +1,47 @@
+"""The Redis latest-values cache on a real Redis: what one script call writes and publishes is what readers get."""
+
+from __future__ import annotations
+
+import time
+
+import redis as redis_lib
+
+from cloud.cache import LATEST_PREFIX, RedisCache
+
+
+def test_update_many_writes_every_device_and_its_ttl(redis):
+    cache = RedisCache(redis.url, ttl_s=120)
+    raw = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    devices = [f"cache-dev-{i}" for i in range(300)]
+    cache.update_many([(7, d, {"t": 21.5 + i, "seq": i, "fw": "1.2.3", "name": "Küche ✓", "none": None})
+                       for i, d in enumerate(devices)])
+    got = cache.get_many(devices)
+    assert len(got) == 300
+    assert got["cache-dev-5"] == {"t": 26.5, "seq": 5, "fw": "1.2.3", "name": "Küche ✓", "none": None, "tenant": 7}
+    assert 0 < raw.ttl(LATEST_PREFIX + "cache-dev-299") <= 120
+    cache.update_many([(7, "cache-dev-5", {"t": 30.0})])  # an update changes its fields only
+    assert cache.get("cache-dev-5")["t"] == 30.0 and cache.get("cache-dev-5")["seq"] == 5
+
+
+def test_publish_many_keeps_order_per_tenant(redis):
+    cache = RedisCache(redis.url)
+    subscription = cache.subscribe(41)
+    try:
+        time.sleep(0.2)  # the subscription is confirmed by then on loopback
+        cache.publish_many([(41, {"type": "reading", "seq": i}) for i in range(50)] + [(42, {"type": "x"})])
+        seen = []
+        deadline = time.monotonic() + 5
+        while len(seen) < 50 and time.monotonic() < deadline:
+            event = subscription.get(timeout=0.5)
+            if event is not None:
+                seen.append(event["seq"])
+        assert seen == list(range(50))
+    finally:
+        subscription.close()
+
+
+def test_redis_down_is_skipped_not_raised():
+    cache = RedisCache("redis://127.0.0.1:1/0", socket_timeout=0.2)
+    cache.update_many([(1, "d", {"t": 1.0})])
+    cache.publish_many([(1, {"type": "reading"})])
+    assert not cache.healthy
