@@ -23,9 +23,10 @@ and redelivery is harmless because every write is idempotent:
   against a second, unpartitioned dedup index that would double the write cost.) SQLite keys on
   (device_id, boot, seq) directly.
 * roll-ups (``telemetry_1m`` / ``telemetry_1h``): on PostgreSQL behind a watermark (cloud.db.maintenance): the
-  writer runs the roll-up job every ``ROLLUP_EVERY_S`` (one set-based statement for the readings of the last
-  seconds, under an exclusive advisory lock) and, in each batch transaction (holding that lock shared), adds to
-  the roll-ups only the readings its insert actually added (``RETURNING``) *below* the mark -- late ones. On
+  writer runs the roll-up job on a thread of its own every ``ROLLUP_EVERY_S`` (it moves the mark under an
+  exclusive advisory lock for a moment, then adds the readings of the claimed range in one set-based statement)
+  and, in each batch transaction (holding that lock shared), adds to the roll-ups only the readings its insert
+  actually added (``RETURNING``) *below* the mark -- late ones. On
   SQLite every added reading is rolled up in the batch transaction. Either way duplicates never count twice.
 * status -> devices.status / last_seen / firmware / boot; acks and command-status -> commands, moving the state
   only forward (``schema.COMMAND_STATE_RANK``: an ack may overtake the bridge's "sent"); alarm events -> alarms
@@ -74,7 +75,7 @@ GROUP = "writer"
 PLAUSIBLE_PAST_MS = 365 * 86_400_000
 PLAUSIBLE_FUTURE_MS = 86_400_000
 MAINTENANCE_EVERY_S = 3600
-ROLLUP_EVERY_S = 5.0
+ROLLUP_EVERY_S = 10.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 DEVICE_UPDATE_EVERY_MS = 5000
 OPERATIONAL_RETRIES = 3  # an operational error while the database answers pings: retry, then isolate
@@ -227,7 +228,6 @@ class Writer:
         self._last_error: str | None = None
         self._paused_since: float | None = None
         self._next_maintenance = 0.0
-        self._next_rollup = 0.0
         self.rollup_every_s = ROLLUP_EVERY_S
         self._lock = threading.Lock()
         self.producer = None
@@ -241,14 +241,19 @@ class Writer:
         self.producer = self.bus.producer("writer")
         log.info("writer: consuming %s as group %r", ", ".join([t.telemetry, t.status, t.acks, t.command_status,
                                                                  t.alarms]), self.group)
+        rollups = None
+        if self.postgres:
+            rollups = threading.Thread(target=self._run_rollups, args=(stop,), name="writer-rollups", daemon=True)
+            rollups.start()
         try:
             while not stop.is_set():
                 self._maybe_maintain(stop)
-                self._maybe_roll_up()
                 records = self._collect(stop)
                 if records:
                     self.process(records, stop)
         finally:
+            if rollups is not None:
+                rollups.join(30)
             for closer in (self.consumer.close, self.producer.close):
                 try:
                     closer()
@@ -806,20 +811,19 @@ class Writer:
             log.warning("writer: cache update failed: %s", exc)
 
     # --- maintenance ------------------------------------------------------------------------------------------
-    def _maybe_roll_up(self) -> None:
-        """PostgreSQL: the roll-up job (cloud.db.maintenance.advance_rollups) every rollup_every_s."""
-        if not self.postgres:
-            return
-        now = time.monotonic()
-        if now < self._next_rollup:
-            return
-        self._next_rollup = now + self.rollup_every_s
-        try:
-            started = time.monotonic()
-            maintenance.advance_rollups(self.engine)
-            ROLLUP_JOB_SECONDS.observe(time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 - nothing is lost: the next run covers the same readings
-            log.warning("writer: roll-up job failed: %s", str(exc).splitlines()[0][:200])
+    def _run_rollups(self, stop: threading.Event) -> None:
+        """PostgreSQL: the roll-up job (cloud.db.maintenance.advance_rollups) at start and every rollup_every_s,
+        on its own thread and connection. Batches wait only for its short claim transaction, never for the
+        aggregate statement (which, run by the batch loop, used to hold every batch for its whole duration)."""
+        while True:
+            try:
+                started = time.monotonic()
+                maintenance.advance_rollups(self.engine)
+                ROLLUP_JOB_SECONDS.observe(time.monotonic() - started)
+            except Exception as exc:  # noqa: BLE001 - nothing is lost: the next run covers the same readings
+                log.warning("writer: roll-up job failed: %s", str(exc).splitlines()[0][:200])
+            if stop.wait(self.rollup_every_s):
+                return
 
     def _maybe_maintain(self, stop: threading.Event) -> None:
         now = time.monotonic()

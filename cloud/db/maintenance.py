@@ -10,12 +10,14 @@ Partitions (PostgreSQL only)
 Roll-ups
     ``telemetry_1m`` / ``telemetry_1h`` hold per-device count/sum/min/max of t, h, p per minute / hour.
     PostgreSQL: behind a watermark (``rollup_watermark.done_until``). Every reading with ts below the mark is
-    counted, every reading at or after it is not yet. :func:`advance_rollups` (run by the writer every few
-    seconds, ``ROLLUP_GRACE`` behind the clock) aggregates the readings of ``[mark, new mark)`` in one set-based
-    statement, adds them to both tables and moves the mark, holding an exclusive advisory lock; every writer
-    transaction holds the same lock shared and adds the readings it inserts *below* the mark (late ones) to the
-    roll-ups itself, from the rows its insert actually added (``RETURNING``). So each reading is counted exactly
-    once: by the writer if it arrived after its minute was rolled up, by the job otherwise; duplicates never.
+    counted (or claimed, below), every reading at or after it is not yet. :func:`advance_rollups` (run by the
+    writer on a thread of its own, a whole minute at a time, ``ROLLUP_GRACE`` behind the clock) moves the mark
+    under an exclusive advisory lock, recording the claimed range and a snapshot, and then aggregates the
+    readings of ``[old mark, new mark)`` visible in that snapshot in one set-based statement and adds them to
+    both tables; every writer transaction holds the same lock shared and adds the readings it inserts *below*
+    the mark (late ones) to the roll-ups itself, from the rows its insert actually added (``RETURNING``). So each
+    reading is counted exactly once: by the writer if it arrived after its minute was claimed, by the job
+    otherwise; duplicates never.
     (Row-by-row upserts of two roll-up rows per reading were the writer's largest cost.) SQLite: the writer
     maintains them row by row in its transaction (the mark is unused).
     :func:`refresh_rollups` recomputes a time range from the raw rows (after a bulk load, or to repair).
@@ -215,8 +217,9 @@ def refresh_rollups(engine: Engine, start: datetime, end: datetime, device_ids: 
 
 ROLLUP_LOCK = 0x10_7_0001  # advisory lock: writer transactions hold it shared, the roll-up job exclusively
 ROLLUP_GRACE = timedelta(seconds=15)  # the job stays this far behind the clock (readings still in flight)
-ROLLUP_GRANULE = timedelta(seconds=5)  # the watermark moves in small steps: each job run is short (the writer
-# waits for it), and the roll-ups are additive, so a minute may be completed by several runs
+ROLLUP_GRANULE = timedelta(minutes=1)  # whole minutes: a one-minute roll-up row is written once, by one run
+# (an update per run would cost a row version each and keep its page from becoming all-visible), and a run costs
+# one upsert per device and minute however many readings the minute holds. Writers no longer wait for a run.
 ROLLUP_STEP = timedelta(hours=1)  # at most this much time per job transaction (catching up after a stop)
 
 _COLUMNS = ("device_id, bucket, tenant_id, n, t_n, t_sum, t_min, t_max, h_n, h_sum, h_min, h_max, "
@@ -251,6 +254,19 @@ _ADVANCE_SQL = (
     "SELECT coalesce(sum(n), 0) FROM a")
 
 
+# xmin is a 32-bit xid; pg_visible_in_snapshot takes a 64-bit xid8. The readings of a claimed range were written
+# within seconds (at most days) of the snapshot, so their xid is the 64-bit value nearest the snapshot's xmax:
+# xmax8 + the signed 32-bit distance between them (correct across a wraparound of the 32-bit counter).
+_XMIN8 = ("(claim.xmax8 + mod(tel.xmin::text::bigint - (claim.xmax8 & 4294967295) + 6442450944, 4294967296)"
+          " - 2147483648)::text::xid8")
+_ADVANCE_CLAIMED_SQL = _ADVANCE_SQL.replace(
+    " FROM telemetry WHERE ts >= %(lo)s AND ts < %(hi)s GROUP BY 1, 2",
+    " FROM telemetry tel, (SELECT %(snap)s::pg_snapshot AS snap, "
+    "pg_snapshot_xmax(%(snap)s::pg_snapshot)::text::bigint AS xmax8) claim "
+    f"WHERE ts >= %(lo)s AND ts < %(hi)s AND pg_visible_in_snapshot({_XMIN8}, claim.snap) GROUP BY 1, 2")
+assert _ADVANCE_CLAIMED_SQL != _ADVANCE_SQL
+
+
 def advance_statement() -> str:
     """The roll-up job's statement (parameters ``lo``, ``hi``): adds the readings with ts in [lo, hi)."""
     return _ADVANCE_SQL
@@ -267,23 +283,63 @@ def advance_rollups(engine: Engine, until: datetime | None = None, now: datetime
                     step: timedelta = ROLLUP_STEP) -> int:
     """PostgreSQL: add the readings with ts in [watermark, until) to both roll-ups and move the watermark to
     ``until`` (default: ``ROLLUP_GRACE`` before now, on a ``ROLLUP_GRANULE`` boundary). Never moves it back. Returns the
-    number of readings added. A no-op on SQLite (the writer keeps the roll-ups there itself)."""
+    number of readings added. A no-op on SQLite (the writer keeps the roll-ups there itself).
+
+    Each step is two transactions, so that writers wait only for the first, which is short:
+
+    1. *claim* (under the exclusive roll-up lock): move the mark from ``lo`` to ``hi`` and record the range and
+       ``pg_current_snapshot()``. Taking the lock waited for every writer transaction that read the old mark, so
+       the snapshot shows every reading those will ever add to the range; every later writer transaction reads
+       the new mark and rolls up its own readings below it (late ones).
+    2. *finish*: add the readings of the range that are visible in the recorded snapshot -- exactly the ones no
+       writer counted -- and clear the claim, in one transaction. A claim left by a job that died is finished
+       by the next run: the same rows are visible in the same snapshot."""
     if engine.dialect.name != "postgresql":
         return 0
     if until is None:
         until = _floor((now or datetime.now(timezone.utc)) - ROLLUP_GRACE, ROLLUP_GRANULE)
-    total = 0
-    while True:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": ROLLUP_LOCK})
-            lo = conn.exec_driver_sql("SELECT done_until FROM rollup_watermark WHERE id = 1 FOR UPDATE").scalar()
-            if lo is None or lo >= until:
+    with engine.connect() as conn:
+        total = finish_claimed_rollups(conn)
+        conn.commit()
+        while True:
+            with conn.begin():
+                hi = claim_rollups(conn, until, step)
+            if hi is None:
                 return total
-            hi = min(until, lo + step)
-            total += int(conn.exec_driver_sql(_ADVANCE_SQL, {"lo": lo, "hi": hi}).scalar() or 0)
-            conn.exec_driver_sql("UPDATE rollup_watermark SET done_until = %(hi)s WHERE id = 1", {"hi": hi})
-        if hi >= until:
-            return total
+            total += finish_claimed_rollups(conn)
+            conn.commit()
+            if hi >= until:
+                return total
+
+
+def claim_rollups(conn, until: datetime, step: timedelta = ROLLUP_STEP) -> datetime | None:
+    """The claim transaction's work (the caller commits at once: writers wait for it): move the mark towards
+    ``until`` by at most ``step`` and record the range and the snapshot. Returns the new mark, None if the mark
+    is at ``until`` already."""
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": ROLLUP_LOCK})
+    lo = conn.exec_driver_sql("SELECT done_until FROM rollup_watermark WHERE id = 1 FOR UPDATE").scalar()
+    if lo is None or lo >= until:
+        return None
+    hi = min(until, lo + step)
+    # pg_current_snapshot() is this statement's snapshot, taken after the lock was granted
+    conn.exec_driver_sql(
+        "UPDATE rollup_watermark SET done_until = %(hi)s, pending_lo = %(lo)s, pending_hi = %(hi)s, "
+        "pending_snapshot = pg_current_snapshot()::text WHERE id = 1", {"lo": lo, "hi": hi})
+    return hi
+
+
+def finish_claimed_rollups(conn) -> int:
+    """Add the claimed range's readings (those visible in the claim's snapshot) to the roll-ups and clear the
+    claim; returns how many were added (0 without a claim). Runs in the caller's transaction."""
+    claim = conn.exec_driver_sql("SELECT pending_lo, pending_hi, pending_snapshot FROM rollup_watermark "
+                                 "WHERE id = 1 FOR UPDATE").first()
+    if claim is None or claim[0] is None:
+        return 0
+    lo, hi, snapshot = claim
+    added = int(conn.exec_driver_sql(_ADVANCE_CLAIMED_SQL, {"lo": lo, "hi": hi, "snap": snapshot}).scalar() or 0)
+    conn.exec_driver_sql("UPDATE rollup_watermark SET pending_lo = NULL, pending_hi = NULL, pending_snapshot = NULL "
+                         "WHERE id = 1")
+    return added
 
 
 def _floor(value: datetime, unit: timedelta) -> datetime:

@@ -260,10 +260,14 @@ ROLLUPS = {"1m": Telemetry1m, "1h": Telemetry1h}
 
 
 class RollupWatermark(Base):
-    """One row (id 1). PostgreSQL: readings with ``ts < done_until`` are counted in the roll-ups; the roll-up job
-    (:func:`cloud.db.maintenance.advance_rollups`) adds the readings in ``[done_until, new mark)`` in one
-    set-based statement and moves the mark; the writer adds a reading that arrives below the mark (late) itself,
-    in its insert transaction. SQLite: the writer maintains the roll-ups row by row and ignores the mark."""
+    """One row (id 1). PostgreSQL: readings with ``ts < done_until`` are counted in the roll-ups, or are in the
+    claimed range ``[pending_lo, pending_hi)`` and visible in ``pending_snapshot`` (the roll-up job adds those
+    next: :func:`cloud.db.maintenance.advance_rollups`); the writer adds a reading that arrives below the mark
+    (late) itself, in its insert transaction. SQLite: the writer maintains the roll-ups row by row and ignores
+    the mark."""
     __tablename__ = "rollup_watermark"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     done_until: Mapped[datetime] = mapped_column()
+    pending_lo: Mapped[datetime | None] = mapped_column()
+    pending_hi: Mapped[datetime | None] = mapped_column()
+    pending_snapshot: Mapped[str | None] = mapped_column(Text)

@@ -107,8 +107,8 @@ def _rollups(engine):
         for table in ("telemetry_1m", "telemetry_1h"):
             rows = conn.exec_driver_sql(
                 f"SELECT device_id, n, t_n, round(CAST(t_sum AS numeric), 6), t_min, t_max FROM {table} "
-                "ORDER BY bucket").all() if engine.dialect.name == "postgresql" else conn.exec_driver_sql(
-                f"SELECT device_id, n, t_n, round(t_sum, 6), t_min, t_max FROM {table} ORDER BY bucket").all()
+                "ORDER BY bucket, device_id").all() if engine.dialect.name == "postgresql" else conn.exec_driver_sql(
+                f"SELECT device_id, n, t_n, round(t_sum, 6), t_min, t_max FROM {table} ORDER BY bucket, device_id").all()
             out[table] = [tuple(float(v) if not isinstance(v, str) else v for v in r) for r in rows]
         return out
 
@@ -228,3 +228,61 @@ def test_writer_carries_on_when_redis_stops(tmp_path, engine_at):
             wait_for(lambda: cache.get("d1").get("seq") == 500, what="cache refilled")
     finally:
         redis.close()
+
+
+def test_claim_left_by_a_dead_roll_up_job_is_finished_exactly_once(pg_url, engine_at):
+    """The roll-up job dies between its claim (the mark moved) and adding the claimed readings; meanwhile the
+    writer stores more readings of the claimed range (late now: it rolls those up itself) and replays the old
+    ones. The next run adds exactly the readings the claim's snapshot shows: the roll-ups equal a rebuild."""
+    engine = engine_at(pg_url)
+    provision(engine, {"A": ["d1", "d2"]})
+    settings = make_settings(writer_batch_size=50)
+    bus = MemoryBus()
+    producer = bus.producer()
+    start = (int(time.time()) // 3600 * 3600 - 3 * 3600) * 1000  # within one hour, three hours ago
+    for seq in range(200):
+        for device in ("d1", "d2"):
+            producer.produce(settings.topics.telemetry, device, reading(device, 1, seq, start + seq * 9_000,
+                                                                      t=10 + seq % 17))
+    mark = datetime.fromtimestamp(start / 1000, timezone.utc)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE rollup_watermark SET done_until = %(m)s", {"m": mark})
+    writer = Writer(settings, bus, engine, MemoryCache())
+    writer.rollup_every_s = 3600
+    writer._run_rollups = lambda stop: None  # no job in this writer: the test plays it
+    with RunningWriter(writer):
+        wait_for(lambda: count(engine, "SELECT count(*) FROM telemetry") == 400)
+    until = mark + timedelta(hours=1)
+    with engine.begin() as conn:  # the job claims the hour ... and dies
+        assert maintenance.claim_rollups(conn, until) == until
+    for seq in range(200, 300):  # later readings of the claimed hour (late now), and a replay of the first ones
+        for device in ("d1", "d2"):
+            producer.produce(settings.topics.telemetry, device, reading(device, 1, seq, start + seq * 9_000,
+                                                                      t=10 + seq % 17))
+    for seq in range(50):
+        producer.produce(settings.topics.telemetry, "d1", reading("d1", 1, seq, start + seq * 9_000, t=10 + seq % 17))
+    with RunningWriter(writer):
+        wait_for(lambda: count(engine, "SELECT count(*) FROM telemetry") == 600)
+        time.sleep(0.3)
+    assert maintenance.advance_rollups(engine, until=until) == 400  # the claimed readings only
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT pending_lo FROM rollup_watermark").scalar() is None
+    incremental = _rollups(engine)
+    assert sum(row[1] for row in incremental["telemetry_1h"]) == 600
+    maintenance.refresh_rollups(engine, mark - timedelta(hours=1), until + timedelta(hours=1))
+    assert _rollups(engine) == incremental
+
+
+@pytest.mark.parametrize("xmax8, xmin32, expected", [
+    (5 * 2**32 + 1000, 990, 5 * 2**32 + 990),  # the same epoch, before the snapshot
+    (5 * 2**32 + 1000, 1010, 5 * 2**32 + 1010),  # the same epoch, after it
+    (5 * 2**32 + 10, 2**32 - 6, 5 * 2**32 - 6),  # the 32-bit counter wrapped after the row was written
+    (5 * 2**32 - 10, 4, 5 * 2**32 + 4),  # ... or wrapped between the snapshot and the row
+])
+def test_claimed_rows_xid_is_widened_across_a_wraparound(pg_url, engine_at, xmax8, xmin32, expected):
+    engine = engine_at(pg_url)
+    with engine.connect() as conn:
+        got = conn.exec_driver_sql(
+            f"SELECT ({maintenance._XMIN8})::text::bigint FROM (SELECT %(x)s::bigint AS xmax8) claim, "
+            "(SELECT %(m)s::bigint AS xmin) tel", {"x": xmax8, "m": xmin32}).scalar()
+    assert got == expected
