@@ -311,7 +311,9 @@ class Writer:
         if not self._send_dead_letters(rejected, stop):
             return False
         try:
-            self.consumer.commit(records)
+            # not waiting for the broker's answer (a round trip per batch): storing is idempotent, so a commit
+            # lost in a crash only means these records come again and are skipped as duplicates
+            self.consumer.commit(records, wait=False)
         except BusError as exc:  # partitions moved to another member: it will redeliver, which is harmless
             log.warning("writer: offset commit failed (%s); the records will be redelivered", exc)
         now = time.time()

@@ -110,8 +110,10 @@ class Consumer(Protocol):
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records from the assigned partitions, waiting at most ``timeout`` seconds."""
 
-    def commit(self, records: list[Record]) -> None:
-        """Commit the offsets after ``records`` (synchronously). Only call it once their work is durable."""
+    def commit(self, records: list[Record], wait: bool = True) -> None:
+        """Commit the offsets after ``records``. Only call it once their work is durable. ``wait=False`` sends
+        the commit without waiting for the broker's answer: for consumers whose work is idempotent, since a
+        commit lost with a crash only means the records are delivered (and skipped) again."""
 
     def close(self) -> None:
         """Leave the group (its partitions go to the other members)."""

@@ -139,7 +139,7 @@ class KafkaConsumer:
                           msg.value() or b"", msg.headers(), msg.timestamp()[1]))
         return records
 
-    def commit(self, records: list[Record]) -> None:
+    def commit(self, records: list[Record], wait: bool = True) -> None:
         if not records:
             return
         upto: dict[tuple[str, int], int] = {}
@@ -148,7 +148,7 @@ class KafkaConsumer:
             upto[pair] = max(upto.get(pair, 0), record.offset + 1)
         try:
             self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()],
-                                  asynchronous=False)
+                                  asynchronous=not wait)
         except KafkaException as exc:
             raise BusError(f"offset commit failed: {exc}") from exc
 

@@ -209,7 +209,7 @@ class MemoryConsumer:
                     return []
                 bus._cond.wait(remaining)
 
-    def commit(self, records: list[Record]) -> None:
+    def commit(self, records: list[Record], wait: bool = True) -> None:  # noqa: ARG002 - always at once here
         if not records:
             return
         upto: dict[tuple[str, int], int] = {}
