@@ -309,7 +309,10 @@ class Stack:
 
         passwords = {d: secrets.token_urlsafe(12) for d in [*device_ids, *firmware_ids]}
         ids = list(passwords)
-        with mp.get_context("fork").Pool(os.cpu_count() or 2) as pool:
+        # the workers are forked after main() set its SIGTERM handler; the pool's exit terminates them, and with
+        # that handler each printed a KeyboardInterrupt traceback
+        with mp.get_context("fork").Pool(os.cpu_count() or 2, initializer=signal.signal,
+                                         initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             hashes = pool.map(_hash, [passwords[d] for d in ids], chunksize=256)
         now = datetime.now(timezone.utc)
         with self.engine.begin() as conn:

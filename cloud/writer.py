@@ -77,7 +77,9 @@ PLAUSIBLE_FUTURE_MS = 86_400_000
 MAINTENANCE_EVERY_S = 3600
 ROLLUP_EVERY_S = 10.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
-DEVICE_UPDATE_EVERY_MS = 5000
+# devices.last_seen from readings at most this often per device: with 10,000 devices at 1,500 msg/s, 5 s meant an
+# UPDATE of the devices table per reading. The cache holds the exact last_seen, and the web tier shows the newer.
+DEVICE_UPDATE_EVERY_MS = 30_000
 OPERATIONAL_RETRIES = 3  # an operational error while the database answers pings: retry, then isolate
 
 ROWS = Counter("iot_writer_rows_inserted_total", "Telemetry rows inserted")
@@ -577,7 +579,8 @@ class Writer:
             if inserted:
                 self._rollup(session, outcome.inserted)
         # devices: last_seen (record time), firmware and boot from the newest reading. To spare the devices
-        # table an update per reading, a device is updated when something changed or its last write is 5 s old.
+        # table an update per reading, a device is updated when something changed or its last write is
+        # DEVICE_UPDATE_EVERY_MS old.
         latest: dict[str, tuple[int, Item]] = {}
         for item in readings:
             rec = item.record.timestamp_ms or int(time.time() * 1000)
