@@ -14,9 +14,31 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
 
 log = logging.getLogger(__name__)
+
+GC_PAUSE_SECONDS = Histogram("iot_gc_pause_seconds", "Python garbage-collection pauses (every thread waits)",
+                             ["generation"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
+
+def observe_gc_pauses() -> None:
+    """Time every garbage collection into GC_PAUSE_SECONDS (once per process): a full collection stops every
+    thread, and with tens of thousands of live objects it is a candidate for any tail latency."""
+    import gc
+    import time
+
+    if any(getattr(cb, "__name__", "") == "_gc_timer" for cb in gc.callbacks):
+        return
+    started = [0.0]
+
+    def _gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PAUSE_SECONDS.labels(str(info.get("generation"))).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(_gc_timer)
 
 
 class Service(Protocol):
@@ -88,6 +110,7 @@ def serve(service: Service, host: str = "127.0.0.1", ops_port: int = 0, stop: th
     if stop is None:
         stop = threading.Event()
         install_stop_signals(stop)
+    observe_gc_pauses()
     ops = OpsServer([service], host, ops_port).start()
     log.info("%s: health and metrics on http://%s:%d/healthz and /metrics", service.name, host, ops.port)
     try:
