@@ -312,8 +312,11 @@ def history(device_id: str):
     if end - start > timedelta(days=400):
         raise BadRequest("a history window is at most 400 days")
     result = data.history(request_session(), _tid(), device_id, start, end)
-    return json_response({"device": device_id, "start": ser.iso(start), "end": ser.iso(end),
-                          **history_payload(result)})
+    if result.get("ready"):  # PostgreSQL: ready points (int ts), serialised as they are
+        payload = {"bucket_s": result["bucket_s"], "points": result["points"]}
+    else:
+        payload = history_payload(result)
+    return json_response({"device": device_id, "start": ser.iso(start), "end": ser.iso(end), **payload})
 
 
 def json_response(payload: Any, status: int = 200) -> Response:

@@ -110,7 +110,8 @@ def _token_principal(token: str) -> Principal | None:
     tok = token_principal(request_session(), token)
     if tok is None:
         return None
-    return Principal(tenant_id=tok.tenant_id, email=f"token:{tok.name}", role=tok.role, kind="token")
+    tenant_id, name, role = tok
+    return Principal(tenant_id=tenant_id, email=f"token:{name}", role=role, kind="token")
 
 
 def _session_principal() -> Principal | None:
@@ -119,11 +120,11 @@ def _session_principal() -> Principal | None:
         return None
     from cloud.web.data import session_user
     user = session_user(request_session(), uid)
-    if user is None or user.tenant_id != session.get("tid"):
+    if user is None or user[1] != session.get("tid"):
         session.clear()
         return None
-    return Principal(tenant_id=user.tenant_id, email=user.email, role=user.role, kind="session",
-                     user_id=user.id)
+    user_id, tenant_id, email, role = user
+    return Principal(tenant_id=tenant_id, email=email, role=role, kind="session", user_id=user_id)
 
 
 def load_principal() -> None:

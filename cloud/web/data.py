@@ -21,6 +21,15 @@ from cloud.db.models import ROLLUPS, Alarm, ApiToken, Device, Telemetry, User
 NotFound = repo.NotFound  # one exception for "missing or another tenant's" -> 404
 
 
+def pg_connection(s) -> Any:
+    """The psycopg connection under session ``s`` on PostgreSQL (hot read paths run plain SQL on it: no Core
+    statement to build, no result processing), None on SQLite."""
+    conn = s.connection()
+    if conn.dialect.name != "postgresql":
+        return None
+    return conn.connection.dbapi_connection
+
+
 def _pair(result: Any) -> tuple[list, int | None]:
     """Repo list functions may return a list or (list, total)."""
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], list):
@@ -71,36 +80,46 @@ def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -
     """``repo.history``'s answer (same resolution choice, same points), with ``ts`` as unix ms.
 
     PostgreSQL: the web tier's own query returning ready values -- ``ts`` as epoch milliseconds and the
-    roll-up averages computed by the database -- read as plain tuples. A day of one-minute roll-ups is 1,440
-    rows; building them through the ORM layer (aware datetimes, type decorators, per-row dicts of 14 columns)
-    was two thirds of the history API's CPU. tests/web/test_api.py checks both give the same points."""
-    device_exists(s, tenant_id, device_id)
-    if s.get_bind().dialect.name != "postgresql":
+    roll-up averages computed by the database -- read as plain tuples on the driver's binary cursor and made
+    into point dicts by one dict display per row (no ORM rows, no ``dict(zip())``: a day of one-minute roll-ups
+    is 1,440 points). The answer then carries ``"ready": True``: every ``ts`` is an int already, so the API
+    serialises it as it is. tests/web/test_api.py checks both give the same points."""
+    dbapi = pg_connection(s)
+    if dbapi is None:
+        device_exists(s, tenant_id, device_id)
         return repo.history(s, tenant_id, device_id, start, end)
+    with dbapi.cursor() as cur:
+        if cur.execute(_EXISTS_SQL, (device_id, tenant_id)).fetchone() is None:
+            raise NotFound(f"device {device_id!r} not found")
     resolution = repo.pick_resolution(start, end)
     params = {"tenant": tenant_id, "device": device_id, "end": end, "limit": repo.HISTORY_MAX_POINTS}
     # the driver's own cursor in binary mode: numbers arrive as machine values, not text to parse
-    dbapi = s.connection().connection.dbapi_connection
     if resolution == "raw":
         params["start"] = start
         with dbapi.cursor(binary=True) as cur:
             rows = cur.execute(_RAW_SQL, params).fetchall()
-        return {"resolution": "raw", "bucket_s": None, "points": [dict(zip(_RAW_KEYS, r)) for r in rows]}
+        points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
+                  for ts, t, h, p, rssi, seq, boot in rows]
+        return {"resolution": "raw", "bucket_s": None, "points": points, "ready": True}
     unit = 60 if resolution == "1m" else 3600
     params["start"] = datetime.fromtimestamp(int(start.timestamp()) // unit * unit, timezone.utc)
     with dbapi.cursor(binary=True) as cur:
         rows = cur.execute(_ROLLUP_SQL[resolution], params).fetchall()
-    return {"resolution": resolution, "bucket_s": unit, "points": [dict(zip(_ROLLUP_KEYS, r)) for r in rows]}
+    points = [{"ts": ts, "n": n, "t": t, "t_min": t_min, "t_max": t_max, "h": h, "h_min": h_min, "h_max": h_max,
+               "p": p, "p_min": p_min, "p_max": p_max}
+              for ts, n, t, t_min, t_max, h, h_min, h_max, p, p_min, p_max in rows]
+    return {"resolution": resolution, "bucket_s": unit, "points": points, "ready": True}
 
 
-_EPOCH_MS = "floor(extract(epoch from {}) * 1000)::bigint"
-_RAW_KEYS = ("ts", "t", "h", "p", "rssi", "seq", "boot")
-_RAW_SQL = (f"SELECT {_EPOCH_MS.format('ts')}, t, h, p, rssi, seq, boot FROM {Telemetry.__tablename__} "
+# raw readings: exact epoch ms (numeric arithmetic: a reading's ts has microseconds, which a double's epoch
+# seconds cannot hold exactly); roll-up buckets are whole minutes / hours (date_trunc in the roll-up job), whose
+# epoch seconds a double holds exactly, and date_part's double arithmetic costs PostgreSQL a third less CPU
+_RAW_SQL = ("SELECT floor(extract(epoch from ts) * 1000)::bigint, t, h, p, rssi, seq, boot "
+            f"FROM {Telemetry.__tablename__} "
             "WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(start)s AND ts < %(end)s "
             "ORDER BY ts, boot, seq LIMIT %(limit)s")
-_ROLLUP_KEYS = ("ts", "n", "t", "t_min", "t_max", "h", "h_min", "h_max", "p", "p_min", "p_max")
 _ROLLUP_SQL = {
-    res: (f"SELECT {_EPOCH_MS.format('bucket')}, n, "
+    res: ("SELECT floor(date_part('epoch', bucket) * 1000)::bigint, n, "
           + ", ".join(f"CASE WHEN {m}_n <> 0 THEN {m}_sum / {m}_n END, {m}_min, {m}_max" for m in "thp")
           + f" FROM {model.__tablename__} WHERE tenant_id = %(tenant)s AND device_id = %(device)s "
             "AND bucket >= %(start)s AND bucket < %(end)s ORDER BY bucket LIMIT %(limit)s")
@@ -287,7 +306,8 @@ def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, off
     """The fleet page's rows as plain tuples ``(id, name, status, last_seen, active alarms)`` and the total;
     the same filter, order and counts as ``device_page``. PostgreSQL: one statement on the driver's binary
     cursor (no per-row processing in Python beyond the driver's); SQLite: ``device_page``."""
-    if s.get_bind().dialect.name != "postgresql":
+    dbapi = pg_connection(s)
+    if dbapi is None:
         rows, total = device_page(s, tenant_id, search, sort, limit, offset, columns=FLEET_COLUMNS)
         return [tuple(r[:5]) for r in rows], total
     descending = (sort or "").startswith("-")
@@ -305,7 +325,7 @@ def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, off
            "FROM devices d LEFT JOIN (SELECT device_id, count(*) AS n FROM alarms WHERE tenant_id = %(tenant)s "
            "AND state <> 'cleared' GROUP BY device_id) a ON a.device_id = d.id "
            f"WHERE {where} ORDER BY {order}, d.id LIMIT %(limit)s OFFSET %(offset)s")
-    with s.connection().connection.dbapi_connection.cursor(binary=True) as cur:
+    with dbapi.cursor(binary=True) as cur:
         rows = cur.execute(sql, params).fetchall()
     if rows:
         return [r[:5] for r in rows], int(rows[0][5])
@@ -313,9 +333,18 @@ def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, off
     return [], total
 
 
+_EXISTS_SQL = f"SELECT 1 FROM {Device.__tablename__} WHERE id = %s AND tenant_id = %s"
+
+
 def device_exists(s, tenant_id: int, device_id: str) -> None:
     """NotFound unless the tenant owns the device (a primary-key probe, no ORM object)."""
-    found = s.connection().execute(select(Device.id).where(Device.id == device_id, Device.tenant_id == tenant_id)).first()
+    dbapi = pg_connection(s)
+    if dbapi is not None:
+        with dbapi.cursor() as cur:
+            found = cur.execute(_EXISTS_SQL, (device_id, tenant_id)).fetchone()
+    else:
+        found = s.connection().execute(select(Device.id).where(Device.id == device_id,
+                                                               Device.tenant_id == tenant_id)).first()
     if found is None:
         raise NotFound(f"device {device_id!r} not found")
 
@@ -349,15 +378,33 @@ def latest_readings_batch(s, tenant_id: int, device_ids: list[str]) -> dict[str,
 
 # --- authentication (every request): plain columns by primary key / unique digest ------------------------
 
-def session_user(s, user_id: int) -> Any:
-    """(id, tenant_id, email, role) of a user, or None."""
-    return s.connection().execute(select(User.id, User.tenant_id, User.email, User.role).where(User.id == user_id)).first()
+_SESSION_USER_SQL = f"SELECT id, tenant_id, email, role FROM {User.__tablename__} WHERE id = %s"
+_TOKEN_SQL = (f"SELECT tenant_id, name, role FROM {ApiToken.__tablename__} "
+              "WHERE token_hash = %s AND revoked_at IS NULL")
 
 
-def token_principal(s, token: str) -> Any:
+def session_user(s, user_id: int) -> tuple | None:
+    """(id, tenant_id, email, role) of a user, or None. PostgreSQL: one statement on the driver's cursor (building
+    and executing a Core select per request cost more client CPU than the lookup itself)."""
+    dbapi = pg_connection(s)
+    if dbapi is not None:
+        with dbapi.cursor() as cur:
+            return cur.execute(_SESSION_USER_SQL, (user_id,)).fetchone()
+    row = s.connection().execute(select(User.id, User.tenant_id, User.email, User.role)
+                                 .where(User.id == user_id)).first()
+    return tuple(row) if row is not None else None
+
+
+def token_principal(s, token: str) -> tuple | None:
     """(tenant_id, name, role) of a live API token, found by its sha256 digest (an index probe; tokens are long
     random strings, so a fast digest is enough: no per-request KDF), or None."""
     if not token:
         return None
-    return s.connection().execute(select(ApiToken.tenant_id, ApiToken.name, ApiToken.role)
-                     .where(ApiToken.token_hash == token_digest(token), ApiToken.revoked_at.is_(None))).first()
+    digest = token_digest(token)
+    dbapi = pg_connection(s)
+    if dbapi is not None:
+        with dbapi.cursor() as cur:
+            return cur.execute(_TOKEN_SQL, (digest,)).fetchone()
+    row = s.connection().execute(select(ApiToken.tenant_id, ApiToken.name, ApiToken.role)
+                                 .where(ApiToken.token_hash == digest, ApiToken.revoked_at.is_(None))).first()
+    return tuple(row) if row is not None else None

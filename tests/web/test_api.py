@@ -362,3 +362,10 @@ def test_history_points_are_the_repositorys(world):
                 p["ts"] = int(p["ts"].timestamp() * 1000)
         assert mine["bucket_s"] == theirs["bucket_s"] == bucket
         assert len(mine["points"]) > 10 and mine["points"] == theirs["points"]
+        # and the API serves exactly these points (PostgreSQL: as the query built them)
+        r = world.client().get(f"/api/v1/devices/{dev}/history?start={int(start.timestamp() * 1000)}"
+                               f"&end={int(end.timestamp() * 1000)}", headers=world.a.auth("viewer"))
+        assert r.status_code == 200 and r.json["bucket_s"] == bucket and r.json["device"] == dev
+        assert list(r.json) == ["device", "start", "end", "bucket_s", "points"]
+        assert r.json["points"] == theirs["points"]
+        assert all(list(p) == list(q) for p, q in zip(r.json["points"], theirs["points"]))  # same key order
