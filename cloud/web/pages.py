@@ -56,18 +56,14 @@ def fleet():
     rows, total = data.fleet_page(s, _tid(), search or None, sort, FLEET_PAGE, offset)
     ids = [r[0] for r in rows]
     cached = api.cached_latest(ids)
-    missing = [i for i in ids if not _has_reading(cached.get(i))]
+    missing = []  # devices without a reading in the cache: their newest stored one
+    for device_id in ids:
+        value = cached.get(device_id)
+        if not value or (value.get("t") is None and value.get("h") is None and value.get("p") is None):
+            missing.append(device_id)
     stored = data.latest_readings_batch(s, _tid(), missing) if missing else {}
     return render_template("fleet.html", rows=fleet_rows(rows, cached, stored), empty=not rows, search=search,
                            sort=sort, offset=offset, total=total, page_size=FLEET_PAGE, sorts=api.DEVICE_SORTS)
-
-
-def _has_reading(value: dict | None) -> bool:
-    return bool(value) and (value.get("t") is not None or value.get("h") is not None or value.get("p") is not None)
-
-
-def _num(value, fmt: str) -> str:
-    return fmt % value if value.__class__ in (float, int) else "—"
 
 
 @lru_cache(maxsize=4096)
@@ -82,37 +78,69 @@ def _iso_ms(ms: int | float) -> str:
     return f"{_iso_second(second)}.{milli:03d}Z"
 
 
+_ROW_HEADS: dict[tuple[str, str, str], str] = {}
+_ROW_HEADS_MAX = 20_000  # ~300 bytes each
+_STATUS_CELLS: dict[str, str] = {}
+_NUMBER = (float, int)
+
+
+def _row_head(link: str, device_id: str, name: str) -> str:
+    """The part of a device's row that only its id and name decide (escaped once, then kept: a fleet page shows
+    the same devices request after request)."""
+    head = _ROW_HEADS.get((link, device_id, name))
+    if head is None:
+        did = html.escape(device_id)
+        head = (f'<tr data-device="{did}">\n'
+                f'<td class="name"><a href="{link}{html.escape(quote(device_id, safe=""))}">{html.escape(name)}</a>'
+                f'<div class="muted small">{did}</div></td>\n')
+        if len(_ROW_HEADS) >= _ROW_HEADS_MAX:
+            _ROW_HEADS.clear()
+        _ROW_HEADS[(link, device_id, name)] = head
+    return head
+
+
+def _status_cell(status: str) -> str:
+    cell = _STATUS_CELLS.get(status)
+    if cell is None:
+        e = html.escape(status)
+        cell = f'<td class="status"><span class="badge {e}">{e}</span></td>\n'
+        if len(_STATUS_CELLS) < 64:  # online / offline / "" in practice
+            _STATUS_CELLS[status] = cell
+    return cell
+
+
 def fleet_rows(rows: list[tuple], cached: dict[str, dict], stored: dict[str, dict]) -> Markup:
     """The fleet table's rows, built here rather than in a Jinja loop: a page has up to 200 rows of 7 cells,
     and the loop (attribute lookups, filters, url_for per row) was most of the page's time. Same merge as
     ``api.device_summary``: the cache's status and newer last_seen win over the database row; the reading is
-    the cache's, else the newest stored one. ``rows``: (id, name, status, last_seen, alarms). Every value a device or user can name is escaped
-    (``html.escape`` with quotes: the same five characters as Jinja's autoescape)."""
+    the cache's, else the newest stored one. ``rows``: (id, name, status, last_seen, alarms). Every value a
+    device or user can name is escaped (``html.escape`` with quotes: the same five characters as Jinja's
+    autoescape); the id/name part of each row and the status cell are escaped once and kept (``_row_head``,
+    ``_status_cell``); times and numbers are formatted here and contain nothing to escape."""
     link = html.escape(url_for("pages.device", device_id="x")[:-1])
     out = []
     append = out.append
+    number = _NUMBER
     for device_id, name, db_status, seen, alarms in rows:
         live = cached.get(device_id) or _EMPTY
-        reading = live if _has_reading(live) else (stored.get(device_id) or _EMPTY)
+        t, h, p = live.get("t"), live.get("h"), live.get("p")
+        if t is None and h is None and p is None:  # no reading in the cache: the newest stored one, if any
+            reading = stored.get(device_id) or _EMPTY
+            t, h, p = reading.get("t"), reading.get("h"), reading.get("p")
         status = live.get("status")
         if status != "online" and status != "offline":
             status = db_status or ""
         live_seen = live.get("last_seen")
-        if live_seen.__class__ in (int, float) and (seen is None or live_seen > seen.timestamp() * 1000):
+        if live_seen.__class__ in number and (seen is None or live_seen > seen.timestamp() * 1000):
             seen_iso = _iso_ms(live_seen)
         else:
-            seen_iso = html.escape(ser.iso(seen)) if seen is not None else ""
-        did, status = html.escape(device_id), html.escape(status)
-        append(
-            f'<tr data-device="{did}">\n'
-            f'<td class="name"><a href="{link}{html.escape(quote(device_id, safe=""))}">{html.escape(name)}</a>'
-            f'<div class="muted small">{did}</div></td>\n'
-            f'<td class="status"><span class="badge {status}">{status}</span></td>\n'
-            f'<td class="last-seen" data-iso="{seen_iso}">{seen_iso or "—"}</td>\n'
-            f'<td class="num t">{_num(reading.get("t"), "%.2f")}</td>\n'
-            f'<td class="num h">{_num(reading.get("h"), "%.1f")}</td>\n'
-            f'<td class="num p">{_num(reading.get("p"), "%.1f")}</td>\n'
-            f'<td class="num alarms">{int(alarms)}</td>\n</tr>\n')
+            seen_iso = ser.iso(seen) if seen is not None else ""  # ISO 8601: digits, '-', ':', 'T', '.', 'Z'
+        append(f'{_row_head(link, device_id, name)}{_status_cell(status)}'
+               f'<td class="last-seen" data-iso="{seen_iso}">{seen_iso or "—"}</td>\n'
+               f'<td class="num t">{"%.2f" % t if t.__class__ in number else "—"}</td>\n'
+               f'<td class="num h">{"%.1f" % h if h.__class__ in number else "—"}</td>\n'
+               f'<td class="num p">{"%.1f" % p if p.__class__ in number else "—"}</td>\n'
+               f'<td class="num alarms">{int(alarms)}</td>\n</tr>\n')
     return Markup("".join(out))
 
 

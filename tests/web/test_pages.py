@@ -196,3 +196,54 @@ def test_fleet_page_rows_match_the_device_list(world):
         assert [r[4] for r in rows] == [0, 1, 0] and total == 3
         assert data.fleet_page(s, tid, "50%_", "name", 200, 0)[0][0][1] == "Zeta 50%_off"
         assert data.fleet_page(s, tid, tag, "id", 200, 5) == ([], 3)  # past the end: still the total
+
+
+def test_fleet_rows_follow_renames_and_live_values(world):
+    """Each row's id/name part is escaped once and kept: a renamed device shows its new name (escaped), and the
+    live values, status and last-seen come fresh from the cache on every render."""
+    c = world.client()
+    login(c, world.a.users["viewer"])
+    dev = world.a.devices[0]
+    world.cache.update(world.a.id, dev, {"t": 21.456, "h": 40.04, "p": 1001.25, "ts": 1_700_000_000_000, "seq": 1,
+                                         "boot": 1, "status": "online", "last_seen": 1_700_000_000_123})
+    page = c.get("/fleet").get_data(as_text=True)
+    row = page[page.index(f'<tr data-device="{dev}">'):]
+    row = row[:row.index("</tr>")]
+    assert '<td class="num t">21.46</td>' in row and '<td class="num h">40.0</td>' in row
+    assert '<td class="num p">1001.2</td>' in row or '<td class="num p">1001.3</td>' in row
+    assert '<span class="badge online">online</span>' in row and "2023-11-14T22:13:20.123Z" in row
+    old_name = c.get(f"/api/v1/devices/{dev}", headers=world.a.auth()).json["name"]
+    evil = '"><img src=x onerror=alert(2)>'
+    try:
+        assert c.patch(f"/api/v1/devices/{dev}", json={"name": evil},
+                       headers=world.a.auth("admin")).status_code == 200
+        world.cache.update(world.a.id, dev, {"t": None, "h": 55.5, "p": None, "status": "offline",
+                                             "last_seen": 1_700_000_001_000})
+        page = c.get("/fleet").get_data(as_text=True)
+        assert evil not in page and "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in page
+        row = page[page.index(f'<tr data-device="{dev}">'):]
+        row = row[:row.index("</tr>")]
+        assert '<td class="num h">55.5</td>' in row and '<span class="badge offline">offline</span>' in row
+        assert ">" + old_name + "<" not in row
+    finally:
+        c.patch(f"/api/v1/devices/{dev}", json={"name": old_name}, headers=world.a.auth("admin"))
+
+
+def test_session_cookie_is_resigned_only_when_stale_or_changed(world, monkeypatch):
+    """A permanent session slides, but its cookie is signed and sent again only when older than
+    SESSION_REFRESH_S (or when the session changed), not with every response."""
+    import cloud.web as web
+
+    c = world.client()
+    login(c, world.a.users["viewer"])
+    r = c.get("/fleet")
+    assert r.status_code == 200 and "Set-Cookie" not in r.headers and "Cookie" in r.headers.get("Vary", "")
+    monkeypatch.setattr(web, "SESSION_REFRESH_S", 0)
+    r = c.get("/fleet")
+    assert r.status_code == 200 and "iot_session=" in r.headers.get("Set-Cookie", "")
+    assert "HttpOnly" in r.headers["Set-Cookie"] and "Expires=" in r.headers["Set-Cookie"]
+    monkeypatch.setattr(web, "SESSION_REFRESH_S", 3600)
+    assert "Set-Cookie" not in c.get("/fleet").headers
+    r = c.post("/logout", data={"csrf_token": csrf_of(c)})  # a changed session is always sent
+    assert r.status_code == 302 and "iot_session=" in r.headers.get("Set-Cookie", "")
+    assert c.get("/fleet").status_code == 302
