@@ -285,7 +285,31 @@ def bench_queries(engine, devices: list[tuple[int, str]], end: datetime, samples
             result = repo.history(s, t, d, end - timedelta(hours=24), end, "1m")
         assert result["points"], "no roll-ups"
 
-    return {"latest_500": time_query(latest, samples), "rollup_1m_24h": time_query(minutes, samples)}
+    load_before = os.getloadavg()[0]
+    result = {"latest_500": time_query(latest, samples), "rollup_1m_24h": time_query(minutes, samples)}
+    result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return result
+
+
+def explain_queries(engine, devices: list[tuple[int, str]], end: datetime, count: int) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of the statements behind latest_readings and history("1m") for ``count``
+    random devices not timed before (as cold as the timed ones), printed to stderr: where the time goes
+    (planning, shared-buffer hits and reads, heap fetches of the index-only scan)."""
+    rnd = random.Random(99)
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    first = datetime.fromtimestamp(int((end - timedelta(hours=24)).timestamp()) // 60 * 60, timezone.utc)
+    with engine.connect() as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        for _ in range(count):
+            tenant, device = rnd.choice(devices)
+            for name, sql, params in (
+                    ("latest 500", repo._PG_LATEST_SINCE, (tenant, device, today - timedelta(days=1), 500)),
+                    ("24 h of 1-minute roll-ups", repo._PG_ROLLUP["1m"], (tenant, device, first, end,
+                                                                          repo.HISTORY_MAX_POINTS))):
+                cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params)
+                print(f"--- {name}, device {device}", file=sys.stderr)
+                print("\n".join(row[0] for row in cursor.fetchall()), file=sys.stderr)
+        conn.rollback()
 
 
 DATASET_TABLE = "bench_writer_dataset"
@@ -356,6 +380,9 @@ def main() -> int:
                         help="PostgreSQL shared_buffers for this run (default %(default)s)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the queries")
     parser.add_argument("--skip-queries", action="store_true", help="only the ingest")
+    parser.add_argument("--explain", type=int, default=0, metavar="N",
+                        help="after the timed queries, print EXPLAIN (ANALYZE, BUFFERS) of both for N other random "
+                             "devices to stderr (PostgreSQL)")
     args = parser.parse_args()
     if args.quick:  # explicitly given sizes win over the quick defaults
         given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
@@ -416,6 +443,8 @@ def main() -> int:
             rollup_rows = conn.exec_driver_sql("SELECT count(*) FROM telemetry_1m").scalar()
         if not args.skip_queries:
             queries = bench_queries(engine, devices, end, args.samples, args.rows_per_device)
+            if args.explain:
+                explain_queries(engine, devices, end, args.explain)
         if not args.skip_ingest:
             if not bootstrap:
                 log.info("starting Kafka")
@@ -451,6 +480,7 @@ def main() -> int:
         "rollup_1m_24h_client_cpu_p50_ms": q("rollup_1m_24h", "client_cpu_p50_ms"),
         "rollup_1m_24h_client_cpu_p99_ms": q("rollup_1m_24h", "client_cpu_p99_ms"),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "query_load_average_1m": queries.get("load_average_1m"),  # at the start and the end of the query phase
         "query_samples": args.samples,
         "writer_batch_size": int(os.environ.get("IOT_WRITER_BATCH_SIZE") or settings_mod.Settings.writer_batch_size),
         "writer_batch_ms": int(os.environ.get("IOT_WRITER_BATCH_MS") or settings_mod.Settings.writer_batch_ms),
@@ -486,6 +516,8 @@ def main() -> int:
         ("  client CPU per query p50/p99: roll-ups", fmt(result["rollup_1m_24h_client_cpu_p50_ms"], "{:.2f} ms"),
          fmt(result["rollup_1m_24h_client_cpu_p99_ms"], "p99 {:.2f} ms")),
         ("machine load average (1 min) at the end", f"{result['load_average_1m']:.1f}", f"{os.cpu_count()} CPUs"),
+        ("  ... at the start / end of the queries",
+         fmt(queries and "{:.1f} / {:.1f}".format(*queries["load_average_1m"]), "{}"), ""),
     ]
     for name, value, note in rows:
         print(f"{name:<42} {value:>16}   {note}")

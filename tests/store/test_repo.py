@@ -182,3 +182,44 @@ def test_history_resolution(engine, session):
     assert first["t_min"] <= first["t"] <= first["t_max"]
     latest = repo.latest_readings(session, a, "d1", 3)
     assert [r.seq for r in latest] == [119, 118, 117]
+
+
+def test_latest_readings_across_partitions(engine, session):
+    """PostgreSQL asks the partitions from yesterday on first and reads further back only when it needs more
+    rows: the answer is the same newest-first list either way, on both databases."""
+    a = provision(engine, {"A": ["d1", "d2"]})["A"]
+    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    _add_readings(session, a, "d1", now - timedelta(days=4), 100, step_s=3600)  # 4 days back up to now + 3 h
+    _add_readings(session, a, "d2", now - timedelta(days=5), 3, step_s=3600)  # only readings before the bound
+    expected = sorted(range(100), key=lambda i: -i)
+    for limit in (1, 10, 30, 60, 99, 100, 500):  # within the newest partitions, across the bound, everything
+        got = repo.latest_readings(session, a, "d1", limit)
+        assert [r.seq for r in got] == expected[:limit], limit
+        assert all(r.ts.tzinfo is not None and r.tenant_id == a for r in got)
+    assert [r.seq for r in repo.latest_readings(session, a, "d2", 10)] == [2, 1, 0]
+    assert repo.latest_readings(session, a, "nope", 10) == []
+
+
+def test_latest_readings_inside_and_outside_a_transaction(engine, session):
+    """A read that opens the session's first transaction runs on its own (no BEGIN/ROLLBACK round trips) and
+    leaves the connection as it found it; inside an open transaction it sees that transaction's rows."""
+    a = provision(engine, {"A": ["d1"]})["A"]
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    _add_readings(session, a, "d1", now - timedelta(minutes=10), 3)
+    assert [r.seq for r in repo.latest_readings(session, a, "d1", 5)] == [2, 1, 0]
+    postgres = engine.dialect.name == "postgresql"
+    if postgres:
+        from psycopg.pq import TransactionStatus
+
+        driver = session.connection().connection.driver_connection
+        assert driver.autocommit is False and driver.info.transaction_status == TransactionStatus.IDLE
+    session.add(Telemetry(device_id="d1", boot=2, seq=0, tenant_id=a, ts=now, received_at=now, t=1.0))
+    session.flush()  # uncommitted: only this transaction sees it
+    assert [(r.boot, r.seq) for r in repo.latest_readings(session, a, "d1", 2)] == [(2, 0), (1, 2)]
+    session.rollback()
+    assert [(r.boot, r.seq) for r in repo.latest_readings(session, a, "d1", 2)] == [(1, 2), (1, 1)]
+    points = repo.history(session, a, "d1", now - timedelta(hours=1), now, "raw")["points"]
+    assert [p["seq"] for p in points] == [0, 1, 2]
+    if postgres:
+        assert session.connection().connection.driver_connection.autocommit is False
+    session.commit()  # nothing open: a no-op, not an error
