@@ -134,11 +134,51 @@ def ctx() -> WebContext:
     return current_app.extensions["iot"]
 
 
+class ReadSession:
+    """A request's read handle: ONE pooled Core connection in autocommit, checked out on first use and given
+    back by ``close()``. Reads take ``connection()``, ``get_bind()``, ``execute()`` / ``scalar()`` (Core
+    statements and plain columns; no ORM objects): an ORM Session around the connection (its state machine,
+    transaction object and identity map) cost more per request than the principal lookup it served."""
+
+    __slots__ = ("bind", "_conn")
+
+    def __init__(self, bind):
+        self.bind = bind
+        self._conn = None
+
+    def connection(self):
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.bind.connect()
+        return conn
+
+    def get_bind(self):
+        return self.bind
+
+    def execute(self, statement, *args, **kwargs):
+        return self.connection().execute(statement, *args, **kwargs)
+
+    def scalar(self, statement, *args, **kwargs):
+        return self.connection().scalar(statement, *args, **kwargs)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> "ReadSession":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+
 def request_session():
-    """The request's READ session (autocommit: each statement stands alone; write with a session of your own
-    from ``ctx().session_factory``): opened on first use (the principal lookup), shared by the handler, closed
-    when the request ends. One connection checkout per request instead of one per lookup saves the pool's
-    pre-ping and the reset-on-return rollback, two database round trips on every request."""
+    """The request's READ session (a :class:`ReadSession`, autocommit: each statement stands alone; write with
+    a session of your own from ``ctx().session_factory``): opened on first use (the principal lookup), shared
+    by the handler, closed when the request ends. One connection checkout per request instead of one per
+    lookup saves the pool's pre-ping and the reset-on-return rollback, two database round trips on every
+    request."""
     from flask import g
 
     s = g.get("_db_session")
@@ -165,7 +205,8 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     session_factory = dbmod.session_factory(engine)
     # reads of a request (principal, lists, history) need no transaction: in autocommit there is no BEGIN
     # before the first query and no ROLLBACK when the connection goes back to the pool (2 round trips)
-    read_session_factory = dbmod.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    read_session_factory = lambda: ReadSession(read_engine)  # noqa: E731
     if bus is None:
         from cloud.bus import from_settings
 
