@@ -82,15 +82,14 @@ def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -
     PostgreSQL: the web tier's own query returning ready values -- ``ts`` as epoch milliseconds and the
     roll-up averages computed by the database -- read as plain tuples on the driver's binary cursor and made
     into point dicts by one dict display per row (no ORM rows, no ``dict(zip())``: a day of one-minute roll-ups
-    is 1,440 points). The answer then carries ``"ready": True``: every ``ts`` is an int already, so the API
+    is 1,440 points). The query returns rows only while the tenant owns the device (an EXISTS the database
+    evaluates once), so the ownership check costs a statement of its own only when there are no points (404
+    or an empty answer). The answer then carries ``"ready": True``: every ``ts`` is an int already, so the API
     serialises it as it is. tests/web/test_api.py checks both give the same points."""
     dbapi = pg_connection(s)
     if dbapi is None:
         device_exists(s, tenant_id, device_id)
         return repo.history(s, tenant_id, device_id, start, end)
-    with dbapi.cursor() as cur:
-        if cur.execute(_EXISTS_SQL, (device_id, tenant_id)).fetchone() is None:
-            raise NotFound(f"device {device_id!r} not found")
     resolution = repo.pick_resolution(start, end)
     params = {"tenant": tenant_id, "device": device_id, "end": end, "limit": repo.HISTORY_MAX_POINTS}
     # the driver's own cursor in binary mode: numbers arrive as machine values, not text to parse
@@ -98,6 +97,8 @@ def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -
         params["start"] = start
         with dbapi.cursor(binary=True) as cur:
             rows = cur.execute(_RAW_SQL, params).fetchall()
+        if not rows:
+            device_exists(s, tenant_id, device_id)
         points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
                   for ts, t, h, p, rssi, seq, boot in rows]
         return {"resolution": "raw", "bucket_s": None, "points": points, "ready": True}
@@ -105,23 +106,27 @@ def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -
     params["start"] = datetime.fromtimestamp(int(start.timestamp()) // unit * unit, timezone.utc)
     with dbapi.cursor(binary=True) as cur:
         rows = cur.execute(_ROLLUP_SQL[resolution], params).fetchall()
+    if not rows:
+        device_exists(s, tenant_id, device_id)
     points = [{"ts": ts, "n": n, "t": t, "t_min": t_min, "t_max": t_max, "h": h, "h_min": h_min, "h_max": h_max,
                "p": p, "p_min": p_min, "p_max": p_max}
               for ts, n, t, t_min, t_max, h, h_min, h_max, p, p_min, p_max in rows]
     return {"resolution": resolution, "bucket_s": unit, "points": points, "ready": True}
 
 
+# rows only while the tenant owns the device (evaluated once per statement: an InitPlan, not per row)
+_OWNED = (f"EXISTS (SELECT 1 FROM {Device.__tablename__} WHERE id = %(device)s AND tenant_id = %(tenant)s) AND "
+          "tenant_id = %(tenant)s AND device_id = %(device)s")
 # raw readings: exact epoch ms (numeric arithmetic: a reading's ts has microseconds, which a double's epoch
 # seconds cannot hold exactly); roll-up buckets are whole minutes / hours (date_trunc in the roll-up job), whose
 # epoch seconds a double holds exactly, and date_part's double arithmetic costs PostgreSQL a third less CPU
 _RAW_SQL = ("SELECT floor(extract(epoch from ts) * 1000)::bigint, t, h, p, rssi, seq, boot "
-            f"FROM {Telemetry.__tablename__} "
-            "WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(start)s AND ts < %(end)s "
+            f"FROM {Telemetry.__tablename__} WHERE {_OWNED} AND ts >= %(start)s AND ts < %(end)s "
             "ORDER BY ts, boot, seq LIMIT %(limit)s")
 _ROLLUP_SQL = {
     res: ("SELECT floor(date_part('epoch', bucket) * 1000)::bigint, n, "
           + ", ".join(f"CASE WHEN {m}_n <> 0 THEN {m}_sum / {m}_n END, {m}_min, {m}_max" for m in "thp")
-          + f" FROM {model.__tablename__} WHERE tenant_id = %(tenant)s AND device_id = %(device)s "
+          + f" FROM {model.__tablename__} WHERE {_OWNED} "
             "AND bucket >= %(start)s AND bucket < %(end)s ORDER BY bucket LIMIT %(limit)s")
     for res, model in ROLLUPS.items()
 }

@@ -369,3 +369,20 @@ def test_history_points_are_the_repositorys(world):
         assert list(r.json) == ["device", "start", "end", "bucket_s", "points"]
         assert r.json["points"] == theirs["points"]
         assert all(list(p) == list(q) for p, q in zip(r.json["points"], theirs["points"]))  # same key order
+
+
+def test_history_of_a_device_without_points_and_of_another_tenants(world):
+    """The history query returns rows only while the tenant owns the device; with no rows the ownership is
+    checked on its own: an own device without points is an empty 200, another tenant's device a 404."""
+    c = world.client()
+    with db.session_factory(world.backend.engine)() as s:
+        dev = f"empty-{uuid.uuid4().hex[:8]}"
+        repo.create_device(s, world.a.id, dev, "no readings yet")
+        s.commit()
+    for rng in ("1h", "24h", "7d"):
+        r = c.get(f"/api/v1/devices/{dev}/history?range={rng}", headers=world.a.auth("viewer"))
+        assert r.status_code == 200 and r.json["points"] == [] and r.json["device"] == dev, rng
+        r = c.get(f"/api/v1/devices/{dev}/history?range={rng}", headers=world.b.auth("viewer"))
+        assert r.status_code == 404 and "not found" in r.json["error"], rng
+        r = c.get(f"/api/v1/devices/{world.a.devices[0]}/history?range={rng}", headers=world.b.auth("admin"))
+        assert r.status_code == 404, rng
