@@ -68,44 +68,36 @@ def fleet():
 
 @lru_cache(maxsize=4096)
 def _iso_second(second: int) -> str:
+    """Unix seconds -> ISO 8601 UTC without the fraction (fleet_rows appends ".mmmZ"). Formatting a time costs
+    ~10 us and a fleet page has 200; devices reporting every few seconds share their seconds, so those are
+    formatted once (LRU)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
-def _iso_ms(ms: int | float) -> str:
-    """Unix ms -> ISO 8601 UTC with milliseconds. Formatting a time costs ~10 us here and a fleet page has 200;
-    devices reporting every few seconds share their seconds, so those are formatted once (LRU)."""
-    second, milli = divmod(int(ms), 1000)
-    return f"{_iso_second(second)}.{milli:03d}Z"
-
-
-_ROW_HEADS: dict[tuple[str, str, str], str] = {}
+_ROW_HEADS: dict[str, dict[str, tuple[str, str]]] = {}  # link -> device id -> (name, head)
 _ROW_HEADS_MAX = 20_000  # ~300 bytes each
 _STATUS_CELLS: dict[str, str] = {}
 _NUMBER = (float, int)
 
 
-def _row_head(link: str, device_id: str, name: str) -> str:
-    """The part of a device's row that only its id and name decide (escaped once, then kept: a fleet page shows
-    the same devices request after request)."""
-    head = _ROW_HEADS.get((link, device_id, name))
-    if head is None:
-        did = html.escape(device_id)
-        head = (f'<tr data-device="{did}">\n'
-                f'<td class="name"><a href="{link}{html.escape(quote(device_id, safe=""))}">{html.escape(name)}</a>'
-                f'<div class="muted small">{did}</div></td>\n')
-        if len(_ROW_HEADS) >= _ROW_HEADS_MAX:
-            _ROW_HEADS.clear()
-        _ROW_HEADS[(link, device_id, name)] = head
+def _row_head(heads: dict, link: str, device_id: str, name: str) -> str:
+    """The part of a device's row that only its id and name decide, escaped once and then kept (a fleet page
+    shows the same devices request after request; a renamed device gets a new one)."""
+    did = html.escape(device_id)
+    head = (f'<tr data-device="{did}">\n'
+            f'<td class="name"><a href="{link}{html.escape(quote(device_id, safe=""))}">{html.escape(name)}</a>'
+            f'<div class="muted small">{did}</div></td>\n')
+    if len(heads) >= _ROW_HEADS_MAX:
+        heads.clear()
+    heads[device_id] = (name, head)
     return head
 
 
 def _status_cell(status: str) -> str:
-    cell = _STATUS_CELLS.get(status)
-    if cell is None:
-        e = html.escape(status)
-        cell = f'<td class="status"><span class="badge {e}">{e}</span></td>\n'
-        if len(_STATUS_CELLS) < 64:  # online / offline / "" in practice
-            _STATUS_CELLS[status] = cell
+    e = html.escape(status)
+    cell = f'<td class="status"><span class="badge {e}">{e}</span></td>\n'
+    if len(_STATUS_CELLS) < 64:  # online / offline / "" in practice
+        _STATUS_CELLS[status] = cell
     return cell
 
 
@@ -118,10 +110,17 @@ def fleet_rows(rows: list[tuple], cached: dict[str, dict], stored: dict[str, dic
     autoescape); the id/name part of each row and the status cell are escaped once and kept (``_row_head``,
     ``_status_cell``); times and numbers are formatted here and contain nothing to escape."""
     link = html.escape(url_for("pages.device", device_id="x")[:-1])
+    heads = _ROW_HEADS.get(link)
+    if heads is None:
+        heads = _ROW_HEADS.setdefault(link, {})
+    cells = _STATUS_CELLS
+    iso_second = _iso_second
     out = []
     append = out.append
     number = _NUMBER
     for device_id, name, db_status, seen, alarms in rows:
+        entry = heads.get(device_id)
+        head = entry[1] if entry is not None and entry[0] == name else _row_head(heads, link, device_id, name)
         live = cached.get(device_id) or _EMPTY
         t, h, p = live.get("t"), live.get("h"), live.get("p")
         if t is None and h is None and p is None:  # no reading in the cache: the newest stored one, if any
@@ -132,10 +131,11 @@ def fleet_rows(rows: list[tuple], cached: dict[str, dict], stored: dict[str, dic
             status = db_status or ""
         live_seen = live.get("last_seen")
         if live_seen.__class__ in number and (seen is None or live_seen > seen.timestamp() * 1000):
-            seen_iso = _iso_ms(live_seen)
+            second, milli = divmod(int(live_seen), 1000)  # ISO 8601 with milliseconds
+            seen_iso = f"{iso_second(second)}.{milli:03d}Z"
         else:
             seen_iso = ser.iso(seen) if seen is not None else ""  # ISO 8601: digits, '-', ':', 'T', '.', 'Z'
-        append(f'{_row_head(link, device_id, name)}{_status_cell(status)}'
+        append(f'{head}{cells.get(status) or _status_cell(status)}'
                f'<td class="last-seen" data-iso="{seen_iso}">{seen_iso or "—"}</td>\n'
                f'<td class="num t">{"%.2f" % t if t.__class__ in number else "—"}</td>\n'
                f'<td class="num h">{"%.1f" % h if h.__class__ in number else "—"}</td>\n'
