@@ -223,3 +223,25 @@ def test_latest_readings_inside_and_outside_a_transaction(engine, session):
     if postgres:
         assert session.connection().connection.driver_connection.autocommit is False
     session.commit()  # nothing open: a no-op, not an error
+
+
+def test_rollup_tables_vacuumed_for_inserts(pg_url, engine_at):
+    """Roll-up history is an index-only scan, index-only only where the visibility map says so: both roll-up
+    tables are vacuumed after a fixed number of new rows (migration 0005), not after 20 % growth."""
+    engine = engine_at(pg_url)
+
+    def options() -> dict[str, dict[str, str]]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT relname, reloptions FROM pg_class "
+                                        "WHERE relname IN ('telemetry_1m', 'telemetry_1h')").all()
+        return {name: dict(o.split("=", 1) for o in opts or []) for name, opts in rows}
+
+    found = options()
+    assert found["telemetry_1m"]["autovacuum_vacuum_insert_threshold"] == "20000"
+    assert found["telemetry_1h"]["autovacuum_vacuum_insert_threshold"] == "10000"
+    assert all(found[t]["autovacuum_vacuum_insert_scale_factor"] == "0" for t in found)
+    assert all(found[t]["autovacuum_vacuum_scale_factor"] == "0.02" for t in found)  # migration 0002's, kept
+    db.downgrade(pg_url, "0004")
+    assert all("autovacuum_vacuum_insert_threshold" not in o for o in options().values())
+    db.upgrade(pg_url)
+    assert options() == found
