@@ -91,12 +91,18 @@ class _SessionInterface(SecureCookieSessionInterface):
 
 
 IDLE_PING_S = 10.0
+# connections kept open per web process. Each request holds one while it runs; a pool smaller than the requests
+# in flight opened and closed a connection for every request beyond it (a PostgreSQL backend started and a
+# password exchange each time): at 16 concurrent requests a quarter of them paid for a new connection
+POOL_SIZE, POOL_OVERFLOW = 16, 4
 
 
 def web_engine(url: str):
     """The web tier's engine. PostgreSQL: instead of the pool's pre-ping on EVERY checkout (a round trip per
     request), a connection is pinged only when it sat idle in the pool for more than IDLE_PING_S seconds; one
-    broken by a database restart within that window fails one request and SQLAlchemy then discards the pool."""
+    broken by a database restart within that window fails one request and SQLAlchemy then discards the pool.
+    POOL_SIZE connections stay open (no connect per request under concurrency), POOL_OVERFLOW more for bursts;
+    requests beyond that wait for a connection."""
     import time
 
     from sqlalchemy import create_engine, event
@@ -106,7 +112,8 @@ def web_engine(url: str):
 
     if dbmod.is_sqlite(url):
         return dbmod.make_engine(url)
-    engine = create_engine(dbmod.normalize_url(url), pool_size=5, max_overflow=10, pool_pre_ping=False,
+    engine = create_engine(dbmod.normalize_url(url), pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                           pool_pre_ping=False,
                            pool_recycle=1800, connect_args={"connect_timeout": 5, "application_name": "iot-web"})
 
     @event.listens_for(engine, "connect")
