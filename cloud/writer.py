@@ -48,6 +48,7 @@ Run it with ``python -m cloud writer`` (or ``python -m cloud.writer``, configure
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from bisect import bisect_left
@@ -247,13 +248,40 @@ class Writer:
         if self.postgres:
             rollups = threading.Thread(target=self._run_rollups, args=(stop,), name="writer-rollups", daemon=True)
             rollups.start()
+        # two stages: this thread collects and parses batch N+1 while the store thread has batch N in the
+        # database, so Python's work and PostgreSQL's overlap (one after the other, the batch cycle was their
+        # sum). One batch waits between them at most; the store thread handles batches in order.
+        # The consumer is only ever called from this thread: the Kafka client serialises calls on one handle,
+        # and a commit from the store thread starved behind this thread's back-to-back polls. So the store
+        # thread hands stored batches back (``stored``) and this thread commits their offsets, in order.
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+        stored: queue.SimpleQueue = queue.SimpleQueue()
+        failure: list[BaseException] = []
+        storer = threading.Thread(target=self._store_stage, args=(handoff, stored, stop, failure),
+                                  name="writer-store", daemon=True)
+        storer.start()
         try:
-            while not stop.is_set():
-                self._maybe_maintain(stop)
+            while not stop.is_set() and storer.is_alive():
+                self._commit_stored(stored)
                 records = self._collect(stop)
-                if records:
-                    self.process(records, stop)
+                if not records:
+                    continue
+                parsed = self._parse(records)
+                while not stop.is_set() and storer.is_alive():
+                    try:
+                        handoff.put((records, parsed), timeout=0.2)
+                        break
+                    except queue.Full:
+                        self._commit_stored(stored)
         finally:
+            while storer.is_alive():  # it finishes (or, stopped, abandons) its batch and sees the end marker
+                try:
+                    handoff.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            storer.join()
+            self._commit_stored(stored, wait=True)
             if rollups is not None:
                 rollups.join(30)
             for closer in (self.consumer.close, self.producer.close):
@@ -261,6 +289,30 @@ class Writer:
                     closer()
                 except Exception as exc:  # noqa: BLE001
                     log.warning("writer: close failed: %s", exc)
+        if failure:
+            raise failure[0]
+
+    def _store_stage(self, handoff: queue.Queue, stored: queue.SimpleQueue, stop: threading.Event,
+                     failure: list[BaseException]) -> None:
+        """The store thread: parsed batches, in order, into the database; each stored batch goes to ``stored``
+        for its offsets to be committed. A batch abandoned because of ``stop`` ends the thread: no later batch
+        may have its offsets committed past it."""
+        try:
+            while True:
+                # partition DDL and retention here, between batches as before, never beside a batch's insert
+                self._maybe_maintain(stop)
+                try:
+                    item = handoff.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                records, parsed = item
+                if not self.process(records, stop, parsed=parsed, commit=stored.put):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to run(), which raises it
+            failure.append(exc)
+            log.exception("writer: store stage failed")
 
     def health(self) -> tuple[bool, dict]:
         details: dict[str, Any] = {
@@ -300,24 +352,37 @@ class Writer:
             records.extend(self.consumer.poll_batch(max_records=size - len(records), timeout=min(remaining, slice_s)))
         return records
 
-    def process(self, records: list[Record], stop: threading.Event | None = None) -> bool:
-        """Store one batch and then commit its offsets. Returns False if stopped before it was stored (the
+    def _commit_stored(self, stored: queue.SimpleQueue, wait: bool = False) -> None:
+        while True:
+            try:
+                records = stored.get_nowait()
+            except queue.Empty:
+                return
+            self._commit(records, wait)
+
+    def _commit(self, records: list[Record], wait: bool = False) -> None:
+        try:
+            # not waiting for the broker's answer (a round trip per batch): storing is idempotent, so a commit
+            # lost in a crash only means these records come again and are skipped as duplicates
+            self.consumer.commit(records, wait=wait)
+        except BusError as exc:  # partitions moved to another member: it will redeliver, which is harmless
+            log.warning("writer: offset commit failed (%s); the records will be redelivered", exc)
+
+    def process(self, records: list[Record], stop: threading.Event | None = None,
+                parsed: tuple[list[Item], list[tuple[Record, str]]] | None = None, commit=None) -> bool:
+        """Store one batch (``parsed``: what ``_parse`` made of it, if done already) and then commit its offsets
+        (or hand the records to ``commit``, which does). Returns False if stopped before it was stored (the
         offsets are then not committed and the records will be delivered again)."""
         stop = stop or threading.Event()
         started = time.monotonic()
-        items, rejected = self._parse(records)
+        items, rejected = parsed if parsed is not None else self._parse(records)
         outcome = self._store_with_retry(items, stop)
         if outcome is None:
             return False
         rejected.extend(outcome.rejected)
         if not self._send_dead_letters(rejected, stop):
             return False
-        try:
-            # not waiting for the broker's answer (a round trip per batch): storing is idempotent, so a commit
-            # lost in a crash only means these records come again and are skipped as duplicates
-            self.consumer.commit(records, wait=False)
-        except BusError as exc:  # partitions moved to another member: it will redeliver, which is harmless
-            log.warning("writer: offset commit failed (%s); the records will be redelivered", exc)
+        (commit or self._commit)(records)
         now = time.time()
         _observe_many(LAG_SECONDS, [max(0.0, now - r.timestamp_ms / 1000) for r in records if r.timestamp_ms])
         per_topic: dict[str, int] = defaultdict(int)
