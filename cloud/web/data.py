@@ -307,14 +307,24 @@ def device_page(s, tenant_id: int, search: str | None, sort: str, limit: int, of
     return rows, int(total)
 
 
+def _unix_ms(value: datetime | None) -> float | None:
+    """``datetime.timestamp() * 1000``; a naive value (SQLite) is UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp() * 1000
+
+
 def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, offset: int) -> tuple[list, int]:
-    """The fleet page's rows as plain tuples ``(id, name, status, last_seen, active alarms)`` and the total;
+    """The fleet page's rows as plain tuples ``(id, name, status, last_seen, active alarms, last_seen as unix
+    ms (float) or None)`` and the total;
     the same filter, order and counts as ``device_page``. PostgreSQL: one statement on the driver's binary
     cursor (no per-row processing in Python beyond the driver's); SQLite: ``device_page``."""
     dbapi = pg_connection(s)
     if dbapi is None:
         rows, total = device_page(s, tenant_id, search, sort, limit, offset, columns=FLEET_COLUMNS)
-        return [tuple(r[:5]) for r in rows], total
+        return [(*r[:5], _unix_ms(r[3])) for r in rows], total
     descending = (sort or "").startswith("-")
     name = (sort or "id").lstrip("-")
     if name not in FLEET_SORTS:
@@ -328,7 +338,7 @@ def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, off
     direction = "DESC NULLS LAST" if descending else "ASC"
     # the page first (sorted, limited), then the alarm counts of its rows only and the total by an index-only
     # count: a count(*) OVER () and the alarms join over every device of the tenant cost the database more
-    sql = ("SELECT p.id, p.name, p.status, p.last_seen, coalesce(a.n, 0), "
+    sql = ("SELECT p.id, p.name, p.status, p.last_seen, coalesce(a.n, 0), date_part('epoch', p.last_seen) * 1000, "
            f"(SELECT count(*) FROM devices d WHERE {where}) "
            f"FROM (SELECT d.id, d.name, d.status, d.last_seen, d.{name} AS k FROM devices d WHERE {where} "
            f"ORDER BY d.{name} {direction}, d.id LIMIT %(limit)s OFFSET %(offset)s) p "
@@ -338,7 +348,7 @@ def fleet_page(s, tenant_id: int, search: str | None, sort: str, limit: int, off
     with dbapi.cursor(binary=True) as cur:
         rows = cur.execute(sql, params).fetchall()
     if rows:
-        return [r[:5] for r in rows], int(rows[0][5])
+        return [r[:6] for r in rows], int(rows[0][6])
     _, total = device_page(s, tenant_id, search, sort, 0, 0, columns=FLEET_COLUMNS)
     return [], total
 
