@@ -49,7 +49,8 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
                 connect_timeout: int = 5) -> Engine:
     """An engine for ``url``. SQLite: the file's directory is created; each connection gets WAL mode, a 10 s
     busy timeout and foreign keys. PostgreSQL: psycopg 3, a pre-pinged pool (connections broken by a database
-    restart are replaced transparently), a connect timeout so an outage fails fast instead of hanging."""
+    restart are replaced transparently), a connect timeout so an outage fails fast instead of hanging, and every
+    session in UTC."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = url.split("///", 1)[1] if "///" in url else ""
@@ -60,7 +61,10 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
         return engine
     return create_engine(url, echo=echo, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
                          pool_recycle=1800,
-                         connect_args={"connect_timeout": connect_timeout, "application_name": "iot"})
+                         # sessions in UTC whatever the server's default: roll-up buckets (date_trunc on
+                         # timestamptz) are UTC minutes and hours, and psycopg reads timestamps fastest in "UTC"
+                         connect_args={"connect_timeout": connect_timeout, "application_name": "iot",
+                                       "options": "-c TimeZone=UTC"})
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -82,3 +82,16 @@ def test_refresh_rollups_aggregates(pg_url, engine_at):
         assert (minute.n, minute.t_n, minute.t_min, minute.t_max, minute.avg("t")) == (4, 3, 10.0, 30.0, 20.0)
         assert minute.h_n == 4 and minute.bucket == NOW
         assert s.scalar(select(func.sum(Telemetry1h.n))) == 4
+
+
+def test_sessions_run_in_utc_whatever_the_server_default(pg_url, engine_at):
+    """Roll-up buckets are date_trunc on timestamptz, which truncates in the session's time zone."""
+    engine = engine_at(pg_url)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ALTER DATABASE " + conn.exec_driver_sql("SELECT current_database()").scalar()
+                             + " SET TimeZone = 'Asia/Kolkata'")  # a half-hour offset: hour buckets would move
+    engine.dispose()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
+        bucket = conn.exec_driver_sql("SELECT date_trunc('hour', timestamptz '2030-06-15 12:40:00+00')").scalar()
+    assert bucket == datetime(2030, 6, 15, 12, 0, tzinfo=timezone.utc)
