@@ -23,6 +23,7 @@ Use IOT_DATABASE_URL / IOT_KAFKA_BOOTSTRAP to run against existing services inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -62,29 +63,49 @@ class TimedWriter(Writer):
 
     profile_path: str | None = None
 
+    main_ident: int | None = None  # the thread that runs run(): it collects and parses
+
     def run(self, stop):
-        if not self.profile_path:
+        self.main_ident = threading.get_ident()
+        with self._profiled(""):
             return super().run(stop)
+
+    def _store_stage(self, *args, **kwargs):  # the writer's second thread: stores batches
+        with self._profiled(".store"):
+            return super()._store_stage(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _profiled(self, suffix: str):
+        if not self.profile_path:
+            yield
+            return
         import cProfile
 
         profiler = cProfile.Profile()
         profiler.enable()
         try:
-            return super().run(stop)
+            yield
         finally:
             profiler.disable()
-            profiler.dump_stats(self.profile_path)
-            log.info("writer profile written to %s", self.profile_path)
+            profiler.dump_stats(self.profile_path + suffix)
+            log.info("writer profile written to %s", self.profile_path + suffix)
 
-    cpu_first: float | None = None  # the writer thread's CPU time before its first batch
+    cpu_first: float | None = None  # the writer's CPU time (both of its threads) before its first batch
     cpu_last: float = 0.0  # ... and after its latest one
+
+    def _cpu(self) -> float:
+        """CPU seconds of the writer's threads: this one (process() runs in the store thread) and run()'s."""
+        own = time.thread_time()
+        if self.main_ident is None or self.main_ident == threading.get_ident():
+            return own
+        return own + time.clock_gettime(time.pthread_getcpuclockid(self.main_ident))
 
     def process(self, records, stop=None, **kwargs):
         if self.first_batch is None:
             self.first_batch = time.monotonic()
-            self.cpu_first = time.thread_time()
+            self.cpu_first = self._cpu()
         ok = super().process(records, stop, **kwargs)
-        self.cpu_last = time.thread_time()
+        self.cpu_last = self._cpu()
         if ok:
             now = time.time()
             self.lags.extend(now - r.timestamp_ms / 1000 for r in records if r.timestamp_ms)
@@ -372,7 +393,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=5000, help="steady produce rate for the latency figure")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer thread into FILE (pstats format)")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer into FILE (its batch loop) and FILE.store (its store thread), pstats format")
     parser.add_argument("--keep", metavar="DIR",
                         help="PostgreSQL's data directory lives in DIR and is kept; a later run with the same sizes "
                              "and schema revision reuses its dataset instead of building it again")
