@@ -134,10 +134,11 @@ def _time_arg(name: str) -> datetime | None:
         raise BadRequest(f"{name} must be ISO 8601 or unix seconds/milliseconds") from None
 
 
-def cached_latest(ids: list[str]) -> dict[str, dict]:
-    """The cache's latest values of these devices ({} for any it does not know, or when it is down)."""
+def cached_latest(ids: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """The cache's latest values of these devices, all or only ``fields`` ({} for any it does not know, or when
+    it is down)."""
     try:
-        return (ctx().cache.get_many(ids) or {}) if ids else {}
+        return (ctx().cache.get_many(ids, fields) or {}) if ids else {}
     except Exception:  # the cache is an accelerator; the database is the truth
         log.warning("latest-value cache unavailable, reading from the database", exc_info=True)
         return {}

@@ -40,6 +40,9 @@ def index():
     return redirect(url_for("pages.fleet"))
 
 
+FLEET_CACHE_FIELDS = ("t", "h", "p", "status", "last_seen")  # what fleet_rows reads of a device's cached values
+
+
 @bp.get("/fleet")
 @login_required()
 def fleet():
@@ -54,7 +57,7 @@ def fleet():
     s = request_session()
     rows, total = data.fleet_page(s, _tid(), search or None, sort, FLEET_PAGE, offset)
     ids = [r[0] for r in rows]
-    cached = api.cached_latest(ids)
+    cached = api.cached_latest(ids, FLEET_CACHE_FIELDS)
     missing = []  # devices without a reading in the cache: their newest stored one
     for device_id in ids:
         value = cached.get(device_id)

@@ -45,3 +45,21 @@ def test_redis_down_is_skipped_not_raised():
     cache.update_many([(1, "d", {"t": 1.0})])
     cache.publish_many([(1, {"type": "reading"})])
     assert not cache.healthy
+
+
+def test_get_many_with_fields_reads_only_those(redis):
+    cache = RedisCache(redis.url)
+    cache.update_many([(3, "cache-f-1", {"t": 20.5, "h": 41.0, "seq": 9, "status": "online"}),
+                       (3, "cache-f-2", {"seq": 4})])  # nothing of the fields asked for
+    got = cache.get_many(["cache-f-1", "cache-f-2", "cache-f-none"], ("t", "status", "last_seen"))
+    assert got == {"cache-f-1": {"t": 20.5, "status": "online"}}
+    assert cache._get_many_slow(["cache-f-1", "cache-f-2"], ("t", "status")) == got  # the fallback agrees
+
+
+def test_memory_cache_get_many_with_fields():
+    from cloud.cache import MemoryCache
+
+    cache = MemoryCache()
+    cache.update_many([(3, "m-1", {"t": 20.5, "h": 41.0}), (3, "m-2", {"seq": 4})])
+    assert cache.get_many(["m-1", "m-2", "m-3"], ("t", "last_seen")) == {"m-1": {"t": 20.5}}
+    assert cache.get_many(["m-1"])["m-1"]["h"] == 41.0
