@@ -65,7 +65,8 @@ class LatestCache(Protocol):
     def get(self, device_id: str) -> dict: ...
 
     def get_many(self, device_ids: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
-        """Latest values of these devices (all fields, or only ``fields``); devices without any are left out."""
+        """Latest values of these devices (all fields, or only ``fields`` when given); devices without any are
+        left out."""
 
     def publish(self, tenant_id: int, event: dict) -> None: ...
 
@@ -165,7 +166,7 @@ class MemoryCache:
 
     def get_many(self, device_ids: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
         with self._lock:
-            if fields is None:
+            if not fields:
                 return {d: dict(self._latest[d]) for d in device_ids if d in self._latest}
             out = {}
             for d in device_ids:
@@ -374,36 +375,26 @@ class _RedisFeed:
             pass
 
 
-# get_many in one round trip: every KEYS[i] hash as a JSON object (its values are JSON text already), the
-# whole answer one JSON array with null for a missing hash.
+# get_many in one round trip: every KEYS[i] hash as a JSON object (its values are JSON text already), the whole
+# answer one JSON array with null for a hash without any of the fields asked for. ARGV empty: every field
+# (HGETALL; each name JSON-encoded here); else n field names, then the same n names as JSON strings (HMGET, the
+# names encoded once by the caller: encoding every name of every hash was most of Redis's time for 200 devices).
 _GET_MANY_LUA = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then
-    out[i] = 'null'
-  else
-    local parts = {}
-    for j = 1, #flat, 2 do
-      parts[#parts + 1] = cjson.encode(flat[j]) .. ':' .. flat[j + 1]
-    end
-    out[i] = '{' .. table.concat(parts, ',') .. '}'
-  end
-end
-return '[' .. table.concat(out, ',') .. ']'
-"""
-
-# KEYS: latest-values hashes; ARGV: n field names, then the same n names as JSON strings. Answers a JSON array with
-# an object of the fields present per hash (null when none is).
-_GET_FIELDS_LUA = """
 local n = #ARGV / 2
 local out = {}
 for i, key in ipairs(KEYS) do
-  local values = redis.call('HMGET', key, unpack(ARGV, 1, n))
   local parts = {}
-  for j = 1, n do
-    if values[j] then
-      parts[#parts + 1] = ARGV[n + j] .. ':' .. values[j]
+  if n == 0 then
+    local flat = redis.call('HGETALL', key)
+    for j = 1, #flat, 2 do
+      parts[#parts + 1] = cjson.encode(flat[j]) .. ':' .. flat[j + 1]
+    end
+  else
+    local values = redis.call('HMGET', key, unpack(ARGV, 1, n))
+    for j = 1, n do
+      if values[j] then
+        parts[#parts + 1] = ARGV[n + j] .. ':' .. values[j]
+      end
     end
   end
   if #parts == 0 then
@@ -450,7 +441,6 @@ class RedisCache:
         self._down_until = 0.0
         self._last_log = 0.0
         self._get_script = None
-        self._get_fields_script = None
         self._set_script = None
         self._publish_script = None
 
@@ -505,21 +495,15 @@ class RedisCache:
     def get_many(self, device_ids: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
         """The latest values of many devices in ONE round trip: a server-side script reads every hash and
         answers with one JSON document (field values are stored as JSON already), parsed by one orjson call.
-        With ``fields`` it reads only those (HMGET, the names' JSON spelled here once: encoding every field name
-        of every hash was most of Redis's time for a fleet page of 200 devices). A reply that is not valid JSON
+        With ``fields`` it reads only those (see _GET_MANY_LUA). A reply that is not valid JSON
         (a value some other client wrote raw) falls back to a pipeline of HGETALLs parsed field by field."""
         if not device_ids or not self._available("get"):
             return {}
         keys = [LATEST_PREFIX + d for d in device_ids]
         try:
-            if fields is None:
-                if self._get_script is None:
-                    self._get_script = self._client.register_script(_GET_MANY_LUA)
-                blob = self._get_script(keys=keys)
-            else:
-                if self._get_fields_script is None:
-                    self._get_fields_script = self._client.register_script(_GET_FIELDS_LUA)
-                blob = self._get_fields_script(keys=keys, args=[*fields, *(orjson.dumps(f) for f in fields)])
+            if self._get_script is None:
+                self._get_script = self._client.register_script(_GET_MANY_LUA)
+            blob = self._get_script(keys=keys, args=[*fields, *(orjson.dumps(f) for f in fields)] if fields else [])
         except Exception as exc:  # noqa: BLE001
             self._failed("get", exc)
             return {}
@@ -541,7 +525,7 @@ class RedisCache:
         out = {}
         for device_id, raw in zip(device_ids, results):
             if raw:
-                value = {k: _loads(v) for k, v in raw.items() if fields is None or k in fields}
+                value = {k: _loads(v) for k, v in raw.items() if not fields or k in fields}
                 if value:
                     out[device_id] = value
         return out

@@ -316,6 +316,11 @@ def claim_rollups(conn, until: datetime, step: timedelta = ROLLUP_STEP) -> datet
     """The claim transaction's work (the caller commits at once: writers wait for it): move the mark towards
     ``until`` by at most ``step`` and record the range and the snapshot. Returns the new mark, None if the mark
     is at ``until`` already."""
+    # the job runs every few seconds but has a whole minute to claim only once a minute: the mark only ever
+    # moves forward, so one already at ``until`` is seen without the exclusive lock, which every batch waits for
+    mark = conn.exec_driver_sql("SELECT done_until FROM rollup_watermark WHERE id = 1").scalar()
+    if mark is None or mark >= until:
+        return None
     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": ROLLUP_LOCK})
     lo = conn.exec_driver_sql("SELECT done_until FROM rollup_watermark WHERE id = 1 FOR UPDATE").scalar()
     if lo is None or lo >= until:
@@ -330,7 +335,10 @@ def claim_rollups(conn, until: datetime, step: timedelta = ROLLUP_STEP) -> datet
 
 def finish_claimed_rollups(conn) -> int:
     """Add the claimed range's readings (those visible in the claim's snapshot) to the roll-ups and clear the
-    claim; returns how many were added (0 without a claim). Runs in the caller's transaction."""
+    claim; returns how many were added (0 without a claim). Runs in the caller's transaction. The row lock
+    makes a second job (another writer) that finds the same claim wait and then see it cleared."""
+    if conn.exec_driver_sql("SELECT pending_lo FROM rollup_watermark WHERE id = 1").scalar() is None:
+        return 0  # the usual case: no row lock taken (and no row version written) for nothing
     claim = conn.exec_driver_sql("SELECT pending_lo, pending_hi, pending_snapshot FROM rollup_watermark "
                                  "WHERE id = 1 FOR UPDATE").first()
     if claim is None or claim[0] is None:

@@ -409,7 +409,14 @@ def pick_resolution(start: datetime, end: datetime) -> str:
 _ROLLUP_KEYS = ("ts", "n", "t", "t_min", "t_max", "h", "h_min", "h_max", "p", "p_min", "p_max")
 
 
-def _rollup_points(rows) -> list[dict[str, Any]]:
+def raw_points(rows) -> list[dict[str, Any]]:
+    """Raw rows ``(ts, t, h, p, rssi, seq, boot)`` as history points (a dict display per row: about twice as
+    fast as ``dict(zip(keys, row))``)."""
+    return [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
+            for ts, t, h, p, rssi, seq, boot in rows]
+
+
+def rollup_points(rows) -> list[dict[str, Any]]:
     """Roll-up rows (in _ROLLUP_KEYS order) as point dicts: a dict display per row is about twice as fast as
     ``dict(zip(keys, row))`` (1,440 rows for a day of minutes)."""
     return [{"ts": ts, "n": n, "t": t, "t_min": t_min, "t_max": t_max, "h": h, "h_min": h_min, "h_max": h_max,
@@ -436,9 +443,7 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
             .where(Telemetry.tenant_id == tenant_id, Telemetry.device_id == device_id,
                    Telemetry.ts >= start, Telemetry.ts < end)
             .order_by(Telemetry.ts, Telemetry.boot, Telemetry.seq).limit(HISTORY_MAX_POINTS))
-        points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
-                  for ts, t, h, p, rssi, seq, boot in rows]
-        return {"resolution": "raw", "bucket_s": None, "points": points}
+        return {"resolution": "raw", "bucket_s": None, "points": raw_points(rows)}
     model = ROLLUPS.get(resolution)
     if model is None:
         raise ValueError("resolution must be auto, raw, 1m or 1h")
@@ -450,7 +455,7 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
     if _is_postgres(session):
         rows = _pg_fetch(session, _PG_ROLLUP[resolution], (tenant_id, device_id, first_bucket, end,
                                                            HISTORY_MAX_POINTS))
-        return {"resolution": resolution, "bucket_s": unit, "points": _rollup_points(rows)}
+        return {"resolution": resolution, "bucket_s": unit, "points": rollup_points(rows)}
     columns = [model.bucket, model.n]
     for m in "thp":
         count, total = getattr(model, f"{m}_n"), getattr(model, f"{m}_sum")
@@ -461,7 +466,7 @@ def history(session: Session, tenant_id: int, device_id: str, start: datetime, e
         .where(model.tenant_id == tenant_id, model.device_id == device_id,
                model.bucket >= first_bucket, model.bucket < end)
         .order_by(model.bucket).limit(HISTORY_MAX_POINTS))
-    return {"resolution": resolution, "bucket_s": unit, "points": _rollup_points(rows)}
+    return {"resolution": resolution, "bucket_s": unit, "points": rollup_points(rows)}
 
 
 # --- commands ---------------------------------------------------------------------------------------------

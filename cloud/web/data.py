@@ -99,19 +99,14 @@ def history(s, tenant_id: int, device_id: str, start: datetime, end: datetime) -
             rows = cur.execute(_RAW_SQL, params).fetchall()
         if not rows:
             device_exists(s, tenant_id, device_id)
-        points = [{"ts": ts, "t": t, "h": h, "p": p, "rssi": rssi, "seq": seq, "boot": boot}
-                  for ts, t, h, p, rssi, seq, boot in rows]
-        return {"resolution": "raw", "bucket_s": None, "points": points, "ready": True}
+        return {"resolution": "raw", "bucket_s": None, "points": repo.raw_points(rows), "ready": True}
     unit = 60 if resolution == "1m" else 3600
     params["start"] = datetime.fromtimestamp(int(start.timestamp()) // unit * unit, timezone.utc)
     with dbapi.cursor(binary=True) as cur:
         rows = cur.execute(_ROLLUP_SQL[resolution], params).fetchall()
     if not rows:
         device_exists(s, tenant_id, device_id)
-    points = [{"ts": ts, "n": n, "t": t, "t_min": t_min, "t_max": t_max, "h": h, "h_min": h_min, "h_max": h_max,
-               "p": p, "p_min": p_min, "p_max": p_max}
-              for ts, n, t, t_min, t_max, h, h_min, h_max, p, p_min, p_max in rows]
-    return {"resolution": resolution, "bucket_s": unit, "points": points, "ready": True}
+    return {"resolution": resolution, "bucket_s": unit, "points": repo.rollup_points(rows), "ready": True}
 
 
 # rows only while the tenant owns the device (evaluated once per statement: an InitPlan, not per row)
