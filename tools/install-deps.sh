@@ -4,7 +4,7 @@
 # they do not hold the default ports: the tests start their own instances (cloud/nativestack.py).
 set -euo pipefail
 
-packages=(mosquitto postgresql redis-server prometheus chromium chromium-driver)
+packages=(mosquitto mosquitto-clients postgresql redis-server prometheus chromium chromium-driver)
 services=(mosquitto redis-server postgresql prometheus)
 
 missing=()
