@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 import time
 from bisect import bisect_left
@@ -59,6 +60,7 @@ from typing import Any
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
+from psycopg import errors as psycopg_errors
 from sqlalchemy import Engine, bindparam, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -126,7 +128,8 @@ class Item:
 
 @dataclass
 class Outcome:
-    # newest inserted row per device (at least): (device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up)
+    # newest inserted row per device (at least): (device_id, tenant_id, ts as unix ms, t, h, p, rssi, seq,
+    # boot, up)
     inserted: list[tuple] = field(default_factory=list)
     inserted_count: int = 0
     duplicates: int = 0
@@ -166,23 +169,33 @@ def _rollup_cte(table: str, unit: str, where: str = "") -> str:
             f"ON CONFLICT (device_id, bucket) DO UPDATE SET {updates}")
 
 
-# PostgreSQL: the batch is COPied (binary) into a per-connection temporary staging table, then one statement
-# inserts it into the partitioned table (ON CONFLICT DO NOTHING), increments both roll-ups from exactly the rows
-# that insert added (RETURNING, data-modifying CTEs) and returns the newest added row per device with the count.
-# The staging table empties itself at every commit (ON COMMIT DELETE ROWS) and a rolled-back batch takes its
-# rows with it, so it never carries anything from one transaction into the next.
-_STAGE = "writer_stage"
-_STAGE_COLUMNS = ("device_id", "boot", "seq", "tenant_id", "ts_ms", "rec_ms", "t", "h", "p", "rssi", "up", "est")
-_STAGE_TYPES = ("text", "int8", "int8", "int4", "int8", "int8", "float8", "float8", "float8", "int4", "int8",
-                "bool")
-_STAGE_DDL = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
-              + ", ".join(f"{c} {t}" for c, t in zip(_STAGE_COLUMNS, _STAGE_TYPES))
-              + ") ON COMMIT DELETE ROWS")
-_STAGE_COPY = f"COPY {_STAGE} ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+# PostgreSQL, the usual batch (no reading of it stored before, none below the roll-up watermark): ONE binary
+# COPY straight into the partitioned table, from a buffer built here (_copy_buffer: timestamps already in
+# PostgreSQL's binary form, so no conversion in the server). COPY inserts in bulk (a heap page per WAL record,
+# no executor per row): measured on a 1M-row table with 10,000 devices, 5.6-6.5 us of backend CPU per row
+# against 12-14 us for staging + INSERT ... ON CONFLICT DO NOTHING RETURNING + DISTINCT ON. COPY has no
+# ON CONFLICT, so a batch holding an already stored reading (a redelivery or replay) fails with a unique
+# violation: that transaction is rolled back and the batch is stored again the old way (_PG_INSERT below), as
+# are the next DUPLICATE_PATH_BATCHES batches (a replay usually comes as a run of batches).
+# Each reading's timestamps are identical in both ways (the same buffer), so they collide on the same key.
+_PG_COLUMNS = ("device_id", "boot", "seq", "tenant_id", "ts", "received_at", "t", "h", "p", "rssi", "up",
+               "ts_estimated")
+_PG_COPY = f"COPY telemetry ({', '.join(_PG_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+DUPLICATE_PATH_BATCHES = 10
+
+# The other way: the batch is COPied (the same buffer) into a per-connection temporary staging table, then one
+# statement inserts it into the partitioned table (ON CONFLICT DO NOTHING), increments both roll-ups from
+# exactly the rows that insert added when some are below the watermark (RETURNING, data-modifying CTEs) and
+# returns the newest added row per device with the count. The staging table empties itself at every commit
+# (ON COMMIT DELETE ROWS) and a rolled-back batch takes its rows with it, so it never carries anything from one
+# transaction into the next.
+_STAGE = "writer_batch"
+_STAGE_DDL = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (device_id varchar(64), boot int8, seq int8, tenant_id int4, "
+              "ts timestamptz, received_at timestamptz, t float8, h float8, p float8, rssi int4, up int8, "
+              "ts_estimated bool) ON COMMIT DELETE ROWS")
+_STAGE_COPY = f"COPY {_STAGE} ({', '.join(_PG_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _PG_INSERT_ROWS = (
-    "INSERT INTO telemetry (device_id, boot, seq, tenant_id, ts, received_at, t, h, p, rssi, up, ts_estimated) "
-    "SELECT v.device_id, v.boot, v.seq, v.tenant_id, to_timestamp(v.ts_ms / 1000.0), to_timestamp(v.rec_ms / 1000.0), "
-    f"v.t, v.h, v.p, v.rssi, v.up, v.est FROM {_STAGE} AS v "
+    f"INSERT INTO telemetry ({', '.join(_PG_COLUMNS)}) SELECT {', '.join(_PG_COLUMNS)} FROM {_STAGE} "
     "ON CONFLICT DO NOTHING "
     "RETURNING device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up")
 _PG_NEWEST = ("SELECT DISTINCT ON (device_id) device_id, tenant_id, ts, t, h, p, rssi, seq, boot, up, count(*) OVER () "
@@ -195,6 +208,92 @@ _PG_INSERT_LATE = (
     f"m AS ({_rollup_cte('telemetry_1m', 'minute', 'WHERE ts < %(mark)s')}), "
     f"hr AS ({_rollup_cte('telemetry_1h', 'hour', 'WHERE ts < %(mark)s')}) "
     f"{_PG_NEWEST}")
+# the COPY way with late readings: the COPY added every row of the batch (or failed), so the late ones, COPied
+# into the staging table as well, are exactly the added readings to roll up here
+_PG_ROLLUP_STAGED = (
+    f"WITH ins AS (SELECT device_id, tenant_id, ts, t, h, p FROM {_STAGE}), "
+    f"m AS ({_rollup_cte('telemetry_1m', 'minute', 'WHERE ts < %(mark)s')}), "
+    f"hr AS ({_rollup_cte('telemetry_1h', 'hour', 'WHERE ts < %(mark)s')}) "
+    "SELECT count(*) FROM ins")
+
+# binary COPY (the format of PostgreSQL's COPY documentation): a signature, flags and header extension length,
+# then per row the field count and per field its length (-1: NULL) and bytes; int8/int4/float8 big-endian,
+# bool one byte, timestamptz int8 microseconds since 2000-01-01 UTC; a trailer of field count -1.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in unix microseconds
+# everything after the device id, for a row without NULLs: boot, seq, tenant, ts, received_at, t, h, p, rssi, up, est
+_COPY_TAIL = "iqiqiiiqiqidididiiiqi?"
+_copy_structs: dict[int, Any] = {}
+
+
+def _copy_row_struct(id_len: int):
+    st = _copy_structs.get(id_len)
+    if st is None:
+        st = _copy_structs[id_len] = struct.Struct(f"!hi{id_len}s{_COPY_TAIL}")
+    return st
+
+
+_FIELD = {"q": struct.Struct("!iq"), "i": struct.Struct("!ii"), "d": struct.Struct("!id")}
+_NULL = struct.pack("!i", -1)
+
+
+def _copy_row_slow(row: tuple) -> bytes:
+    """One row with NULLs (a reading without t, h, p, rssi or up)."""
+    device_id, boot, seq, tenant_id, ts, rec, t, h, p, rssi, up, est = row
+    encoded = device_id.encode()
+    parts = [struct.pack(f"!hi{len(encoded)}s", 12, len(encoded), encoded),
+             _FIELD["q"].pack(8, boot), _FIELD["q"].pack(8, seq), _FIELD["i"].pack(4, tenant_id),
+             _FIELD["q"].pack(8, ts * 1000 - _PG_EPOCH_US), _FIELD["q"].pack(8, rec * 1000 - _PG_EPOCH_US)]
+    for value, kind, size in ((t, "d", 8), (h, "d", 8), (p, "d", 8), (rssi, "i", 4), (up, "q", 8)):
+        parts.append(_NULL if value is None else _FIELD[kind].pack(size, value))
+    parts.append(b"\x00\x00\x00\x01\x01" if est else b"\x00\x00\x00\x01\x00")
+    return b"".join(parts)
+
+
+def _copy_buffer(rows: list[tuple]) -> bytes:
+    """The binary COPY data of ``rows`` (tuples in _telemetry_rows' PostgreSQL layout, times as unix ms) for the
+    columns _PG_COLUMNS, signature and trailer included. One struct.pack per row."""
+    out = [_COPY_SIGNATURE]
+    append = out.append
+    epoch = _PG_EPOCH_US
+    structs = _copy_structs
+    for row in rows:
+        device_id, boot, seq, tenant_id, ts, rec, t, h, p, rssi, up, est = row
+        if t is None or h is None or p is None or rssi is None or up is None:
+            append(_copy_row_slow(row))
+            continue
+        encoded = device_id.encode()
+        n = len(encoded)
+        st = structs.get(n) or _copy_row_struct(n)
+        append(st.pack(12, n, encoded, 8, boot, 8, seq, 4, tenant_id, 8, ts * 1000 - epoch, 8, rec * 1000 - epoch,
+                       8, t, 8, h, 8, p, 4, rssi, 8, up, 1, est))
+    append(_COPY_TRAILER)
+    return b"".join(out)
+
+
+def _ms(ts: datetime) -> int:
+    """Unix ms of a stored timestamp (SQLite hands back naive UTC datetimes)."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return int(ts.timestamp() * 1000)
+
+
+def _newest_per_device(rows: list[tuple]) -> list[tuple]:
+    """The newest of ``rows`` (PostgreSQL row layout) per device, by (ts, seq) as _PG_NEWEST orders them, in
+    Outcome.inserted's layout: (device_id, tenant_id, ts ms, t, h, p, rssi, seq, boot, up)."""
+    newest: dict[str, tuple] = {}
+    get = newest.get
+    for row in rows:
+        prev = get(row[0])
+        if prev is None or row[4] > prev[4] or (row[4] == prev[4] and row[2] > prev[2]):
+            newest[row[0]] = row
+    return [(d, tenant, ts, t, h, p, rssi, seq, boot, up)
+            for d, boot, seq, tenant, ts, _rec, t, h, p, rssi, up, _est in newest.values()]
+
+
+class _Duplicate(Exception):
+    """The COPY way met a reading stored before: store the batch again with ON CONFLICT DO NOTHING."""
 
 
 _devices = Device.__table__
@@ -227,6 +326,7 @@ class Writer:
         self._cached_ts: dict[str, int] = {}  # newest reading ts pushed to the cache per device
         self._device_written: dict[str, tuple[int, tuple]] = {}  # device -> (last_seen ms, (fw, boot)) in the db
         self._pending_devices: dict[str, tuple[int, tuple]] = {}
+        self._duplicate_path = 0  # PostgreSQL: batches still to store with ON CONFLICT instead of COPY
         self._last_batch: float | None = None
         self._last_error: str | None = None
         self._paused_since: float | None = None
@@ -530,6 +630,13 @@ class Writer:
         return combined
 
     def _store(self, items: list[Item]) -> Outcome:
+        try:
+            return self._store_once(items)
+        except _Duplicate:  # rolled back: this batch (and the next few) with ON CONFLICT DO NOTHING
+            self._duplicate_path = DUPLICATE_PATH_BATCHES + 1
+            return self._store_once(items)
+
+    def _store_once(self, items: list[Item]) -> Outcome:
         outcome = Outcome()
         readings = [i for i in items if i.kind == "telemetry"]
         rows: list = []
@@ -599,7 +706,7 @@ class Writer:
 
     def _telemetry_rows(self, readings: list[Item], outcome: Outcome) -> list:
         """One row per distinct reading of the batch: on PostgreSQL a tuple in the staging table's column order
-        (_STAGE_COLUMNS: times as epoch ms), on SQLite a dict of Telemetry columns."""
+        (_PG_COLUMNS, times as unix ms), on SQLite a dict of Telemetry columns."""
         timed = [(item, *self._event_ms(item)) for item in readings]
         unsynced = [(item, rec) for item, ts, rec in timed if ts is None]
         if unsynced:
@@ -638,11 +745,11 @@ class Writer:
                 table.c.device_id, table.c.tenant_id, table.c.ts, table.c.t, table.c.h, table.c.p, table.c.rssi,
                 table.c.seq, table.c.boot, table.c.up)
             inserted = session.execute(stmt, rows).all() if rows else []
-            outcome.inserted = [tuple(r) for r in inserted]
             outcome.inserted_count = len(inserted)
             outcome.duplicates += len(rows) - len(inserted)
             if inserted:
-                self._rollup(session, outcome.inserted)
+                self._rollup(session, inserted)
+            outcome.inserted = [(r[0], r[1], _ms(r[2]), *r[3:]) for r in inserted]
         # devices: last_seen (record time), firmware and boot from the newest reading. To spare the devices
         # table an update per reading, a device is updated when something changed or its last write is
         # DEVICE_UPDATE_EVERY_MS old.
@@ -685,9 +792,9 @@ class Writer:
             self._device_written.clear()
 
     def _store_telemetry_pg(self, session: Session, rows: list[tuple], outcome: Outcome) -> None:
-        """PostgreSQL: binary COPY of the batch into the staging table, then one statement (_PG_INSERT): the
-        insert skips what is already stored, the roll-ups are incremented from exactly the rows it added, and only
-        the newest added row per device comes back (for the cache), with the number added."""
+        """PostgreSQL: the batch in one binary COPY straight into telemetry when none of it is stored yet (the
+        usual case; see _PG_COPY), else staged and inserted with ON CONFLICT DO NOTHING (_PG_INSERT). Readings
+        below the roll-up watermark (late) are added to the roll-ups here, from exactly the rows added."""
         if not rows:
             return
         cursor = session.connection().connection.driver_connection.cursor()
@@ -698,23 +805,42 @@ class Writer:
         cursor.execute("SELECT done_until FROM rollup_watermark WHERE id = 1", prepare=True)
         found = cursor.fetchone()
         mark = found[0] if found else None
+        if mark is None:  # no watermark row (never expected after the migration): roll every row up here
+            mark = datetime.max.replace(tzinfo=timezone.utc)
+            late = rows
+        else:
+            mark_ms = mark.timestamp() * 1000
+            late = [row for row in rows if row[4] < mark_ms] if min(row[4] for row in rows) < mark_ms else []
+        data = _copy_buffer(rows)
+        if self._duplicate_path > 0:
+            self._duplicate_path -= 1
+        else:
+            try:
+                with cursor.copy(_PG_COPY) as copy:
+                    copy.write(data)
+            except psycopg_errors.UniqueViolation as exc:
+                raise _Duplicate() from exc
+            if late:
+                cursor.execute(_STAGE_DDL)
+                with cursor.copy(_STAGE_COPY) as copy:
+                    copy.write(data if late is rows else _copy_buffer(late))
+                cursor.execute(_PG_ROLLUP_STAGED, {"mark": mark}, prepare=True)
+                cursor.fetchall()
+                LATE_ROLLUPS.inc(len(late))
+            outcome.inserted = _newest_per_device(rows)
+            outcome.inserted_count = len(rows)
+            return
         cursor.execute(_STAGE_DDL)
         with cursor.copy(_STAGE_COPY) as copy:
-            copy.set_types(_STAGE_TYPES)
-            write_row = copy.write_row
-            for row in rows:
-                write_row(row)
-        mark_ms = None if mark is None else mark.timestamp() * 1000
-        if mark_ms is not None and min(row[4] for row in rows) < mark_ms:
+            copy.write(data)
+        if late:
             cursor.execute(_PG_INSERT_LATE, {"mark": mark}, prepare=True)
-            LATE_ROLLUPS.inc(sum(1 for row in rows if row[4] < mark_ms))  # at most: duplicates are not added
-        elif mark is None:  # no watermark row (never expected after the migration): roll every row up here
-            cursor.execute(_PG_INSERT_LATE, {"mark": datetime.max.replace(tzinfo=timezone.utc)}, prepare=True)
+            LATE_ROLLUPS.inc(len(late))  # at most: duplicates are not added
         else:
             cursor.execute(_PG_INSERT, prepare=True)
         result = cursor.fetchall()
         outcome.inserted_count = result[0][-1] if result else 0
-        outcome.inserted = [tuple(r[:-1]) for r in result]
+        outcome.inserted = [(r[0], r[1], _ms(r[2]), *r[3:-1]) for r in result]
         outcome.duplicates += len(rows) - outcome.inserted_count
 
     def _rollup(self, session: Session, inserted: list[tuple]) -> None:
@@ -843,19 +969,23 @@ class Writer:
             updates: list[tuple[int, str, dict]] = []
             events: list[tuple[int, dict]] = []
             newest: dict[str, tuple] = {}
-            for row in outcome.inserted:
-                device_id, ts = row[0], row[2]
-                if device_id not in newest or ts >= newest[device_id][2]:
-                    newest[device_id] = row
-            for device_id, (_, tenant_id, ts, t, h, p, rssi, seq, boot, up) in newest.items():
-                ts_ms = int(ts.timestamp() * 1000)
-                if ts_ms < self._cached_ts.get(device_id, 0):
+            get = newest.get
+            for row in outcome.inserted:  # usually one per device already
+                prev = get(row[0])
+                if prev is None or row[2] >= prev[2]:
+                    newest[row[0]] = row
+            cached = self._cached_ts
+            cached_get = cached.get
+            now_ms = int(time.time() * 1000)
+            for device_id, tenant_id, ts_ms, t, h, p, rssi, seq, boot, up in newest.values():
+                if ts_ms < cached_get(device_id, 0):
                     continue  # an old reading (backlog replay) must not replace a newer one
-                self._cached_ts[device_id] = ts_ms
-                fields = {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up,
-                          "last_seen": int(time.time() * 1000)}
-                updates.append((tenant_id, device_id, fields))
-                events.append((tenant_id, {"type": "reading", "device": device_id, **fields}))
+                cached[device_id] = ts_ms
+                updates.append((tenant_id, device_id, {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq,
+                                                       "boot": boot, "up": up, "last_seen": now_ms}))
+                events.append((tenant_id, {"type": "reading", "device": device_id, "t": t, "h": h, "p": p,
+                                           "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up,
+                                           "last_seen": now_ms}))
             for item, status in outcome.statuses:
                 seen = item.record.timestamp_ms or int(time.time() * 1000)
                 fields = {"status": status.state, "last_seen": seen}
