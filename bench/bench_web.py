@@ -11,7 +11,8 @@ database and in the Redis latest-value cache, as the writer leaves them) and som
 Measures, on loopback:
   1. fleet page: GET /fleet with a logged-in session (first page of 200 devices of the 1,000);
   2. device history API: GET /api/v1/devices/<id>/history?range=24h with a Bearer token (1-minute roll-ups, 1,440
-     points);
+     points) then the same with &format=columns (one array per field: what the
+     dashboard's charts ask for);
      each first in OPEN loop at the offered rates of --rates (Poisson arrivals; a request's latency counts from
      its scheduled start, so a server that falls behind shows it), then in CLOSED loop (--concurrency clients
      back to back) for the maximum throughput -- whose latency is queueing (concurrency / throughput) and is
@@ -581,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-web-"))
     services = []
     server = None
-    phases: dict[str, list[dict]] = {"fleet": [], "history": []}
+    phases: dict[str, list[dict]] = {"fleet": [], "history": [], "history_columns": []}
     try:
         pg = nativestack.Postgres(work / "pg")
         rd = nativestack.Redis(work / "redis")
@@ -610,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "fleet": (["/fleet"], f"Cookie: {cookie}\r\n", b"big-00001", 1),
             "history": (hist_paths, f"Authorization: Bearer {data['token']}\r\n", b'"ts"', 1400),
+            # what the dashboard's charts ask for: the same points as one array per field
+            "history_columns": ([p + "&format=columns" for p in hist_paths],
+                                f"Authorization: Bearer {data['token']}\r\n", b'"columns":{"ts":[', 1),
         }
         for name, (paths, headers, check, min_count) in targets.items():
             http_phase(server, name + " warm-up", "closed", paths, headers, check, min_count, duration=2.0,
@@ -637,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()[0]  # the load generators and anything else on the machine count too
     labels = {"fleet": f"fleet page GET /fleet ({min(FLEET_PAGE, args.big_devices)} of {args.big_devices:,} "
                        "devices)",
-              "history": f"history API range=24h ({history_points} points)"}
+              "history": f"history API range=24h ({history_points} points)",
+              "history_columns": "history API range=24h format=columns"}
     rows: list[tuple] = []
     for name, results in phases.items():
         for r in results:
@@ -676,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
               "server": args.server, "workers": args.workers, "threads": threads, "counts": data["counts"],
               "phase_s": duration, "fleet": phases["fleet"], "history": {"points": history_points,
                                                                         "bucket_s": history_bucket,
-                                                                        "phases": phases["history"]},
+                                                                        "phases": phases["history"],
+                                                                        "columns_phases": phases["history_columns"]},
               "ws_fanout": fanout, "aims_met": all(judged), "seed_s": round(seed_s, 1),
               "total_s": round(total_s, 1)}
     print(json.dumps(result))

@@ -296,10 +296,19 @@ def latest(device_id: str):
     return jsonify(device=summary["id"], **reading, status=summary["status"], last_seen=summary["last_seen"])
 
 
+HISTORY_FORMATS = ("points", "columns")
+
+
 @bp.get("/devices/<device_id>/history")
 @login_required()
 def history(device_id: str):
+    """``format=points`` (default): ``points`` is a list of objects; ``format=columns``: ``columns`` is one array
+    per field (``{"ts": [...], "t": [...], ...}``, what the dashboard's charts take), the same values without a
+    key per value: about half the bytes and a third of the CPU for a day of one-minute roll-ups."""
     rng = request.args.get("range")
+    fmt = request.args.get("format", "points")
+    if fmt not in HISTORY_FORMATS:
+        raise BadRequest(f"format must be one of {', '.join(HISTORY_FORMATS)}")
     end = _time_arg("end") or datetime.now(timezone.utc)
     start = _time_arg("start")
     if rng is not None:
@@ -313,45 +322,18 @@ def history(device_id: str):
     if end - start > timedelta(days=400):
         raise BadRequest("a history window is at most 400 days")
     result = data.history(request_session(), _tid(), device_id, start, end)
-    if result.get("ready"):  # PostgreSQL: ready points (int ts), serialised as they are
-        payload = {"bucket_s": result["bucket_s"], "points": result["points"]}
+    payload = {"device": device_id, "start": ser.iso(start), "end": ser.iso(end), "bucket_s": result["bucket_s"]}
+    if fmt == "columns":
+        payload["columns"] = data.history_columns(result)
     else:
-        payload = history_payload(result)
-    return json_response({"device": device_id, "start": ser.iso(start), "end": ser.iso(end), **payload})
+        payload["points"] = data.history_points(result)
+    return json_response(payload)
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
     """orjson for the big answers (history, device lists): several times faster than the stdlib encoder.
     The payloads hold only JSON types (datetimes are converted by ``serialize``); NaN becomes null."""
     return Response(orjson.dumps(payload, default=str), status=status, mimetype="application/json")
-
-
-def history_payload(result: Any) -> dict:
-    """Normalise the repo's history answer to {"bucket_s": n|None, "points": [{ts, t, h, p, ...}]}."""
-    bucket = None
-    if isinstance(result, dict):
-        bucket = result.get("bucket_s", result.get("bucket"))
-        rows = result.get("points", result.get("rows", []))
-    elif isinstance(result, tuple) and len(result) == 2:
-        rows, bucket = result
-    else:
-        rows = result
-    points = []
-    for r in rows:
-        if isinstance(r, dict):
-            point = r  # the repo builds fresh dicts per call: converted in place, not copied (1,440 a day)
-            ts = point.get("ts")
-            if ts.__class__ is not int:
-                point["ts"] = int(ts.timestamp() * 1000) if isinstance(ts, datetime) and ts.tzinfo else ser.ms(ts)
-            t = point.get("t")
-            if isinstance(t, tuple):
-                # Work-around for cloud.db.repo.history (raw points): on SQLAlchemy 2.1 ``row.t`` is the Row itself
-                # (Row.t is the deprecated "as typed tuple" accessor), not the column t; the column is its 2nd item.
-                point["t"] = t[1] if len(t) > 1 else None
-        else:
-            point = ser.reading(r)
-        points.append(point)
-    return {"bucket_s": bucket, "points": points}
 
 
 @bp.get("/devices/<device_id>/readings")

@@ -94,9 +94,14 @@ def spec() -> dict:
                        params=[DEVICE])},
         "/api/v1/devices/{device_id}/history": {
             "get": _op("Readings in a window; long windows are rolled up (averages per bucket)",
-                       _json(_ref("History")),
+                       _json({"oneOf": [_ref("History"), _ref("HistoryColumns")]}),
+                       description="Up to 3 h: raw readings (bucket_s null); up to 3 days: one-minute roll-ups "
+                                   "(bucket_s 60); longer: hourly (bucket_s 3600). Oldest first.",
                        params=[DEVICE, _query("range", "shortcut window ending now", enum=("1h", "24h", "7d")),
-                               _query("start", "ISO 8601 or unix s/ms"), _query("end", "ISO 8601 or unix s/ms")])},
+                               _query("start", "ISO 8601 or unix s/ms"), _query("end", "ISO 8601 or unix s/ms"),
+                               _query("format", "points (default): a list of objects; columns: one array per "
+                                                "field (half the bytes; what the dashboard's charts use)",
+                                      enum=("points", "columns"))])},
         "/api/v1/devices/{device_id}/readings": {
             "get": _op("Most recent raw readings", _json({"type": "object", "properties": {
                 "items": {"type": "array", "items": _ref("Reading")}}}),
@@ -164,6 +169,14 @@ def spec() -> dict:
                | {"rssi": {"type": "integer", "nullable": True}, "ts": {"type": "integer", "nullable": True,
                                                                         "description": "unix ms"},
                   "seq": {"type": "integer", "nullable": True}, "boot": {"type": "integer", "nullable": True}}}
+    history_head = {"device": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"},
+                    "bucket_s": {"type": "integer", "nullable": True,
+                                 "description": "null: raw readings; 60 or 3600: roll-ups of that bucket"}}
+    number = {"type": "number", "nullable": True}
+    history_point = {"type": "object", "description": "raw: ts, t, h, p, rssi, seq, boot; roll-ups: ts (bucket "
+                                                      "start), n (readings), t, h, p (averages) and their _min, _max",
+                     "properties": reading["properties"] | {"n": {"type": "integer"}} | {
+                         f"{m}_{x}": number for m in "thp" for x in ("min", "max")}}
     schemas = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Me": {"type": "object", "properties": {"tenant_id": {"type": "integer"}, "email": {"type": "string"},
@@ -183,9 +196,14 @@ def spec() -> dict:
         "Provisioned": {"type": "object", "properties": {
             "device": _ref("Device"), "credentials": {"type": "object"},
             "config": {"type": "object", "description": "the firmware's config.json"}}},
-        "History": {"type": "object", "properties": {
-            "device": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"},
-            "bucket_s": {"type": "integer", "nullable": True}, "points": {"type": "array", "items": reading}}},
+        "History": {"type": "object", "required": [*history_head, "points"], "properties": {
+            **history_head, "points": {"type": "array", "items": history_point}}},
+        "HistoryColumns": {"type": "object", "required": [*history_head, "columns"], "properties": {
+            **history_head, "columns": {
+                "type": "object", "description": "one array per field of the points, all of the same length, "
+                                                 "oldest first: ts, t, h, p, rssi, seq, boot (raw) or ts, n, "
+                                                 "t, t_min, t_max, h, h_min, h_max, p, p_min, p_max (roll-ups)",
+                "additionalProperties": {"type": "array", "items": {"type": "number", "nullable": True}}}}},
         "Command": {"type": "object", "properties": {
             "cid": {"type": "string"}, "device": {"type": "string"}, "op": {"type": "string", "enum": list(COMMAND_OPS)},
             "args": {"type": "object"}, "status": {"type": "string", "enum": list(COMMAND_STATES)},

@@ -124,7 +124,8 @@ def test_latest_from_cache_and_db(world):
     assert r.json["items"][0]["t"] == 19.0
     r = c.get(f"/api/v1/devices/{dev2}/history?range=1h", headers=world.a.auth("viewer"))
     assert r.status_code == 200 and r.json["points"][0]["t"] == 19.0 and isinstance(r.json["points"][0]["ts"], int)
-    for bad in ("range=2y", "start=yesterday", "start=2030-01-01T00:00:00Z&end=2029-01-01T00:00:00Z"):
+    for bad in ("range=2y", "start=yesterday", "start=2030-01-01T00:00:00Z&end=2029-01-01T00:00:00Z",
+                "format=csv"):
         assert c.get(f"/api/v1/devices/{dev2}/history?{bad}", headers=world.a.auth("viewer")).status_code == 400
     r = c.get("/api/v1/devices/does-not-exist/latest", headers=world.a.auth("viewer"))
     assert r.status_code == 404 and "not found" in r.json["error"]
@@ -357,18 +358,27 @@ def test_history_points_are_the_repositorys(world):
             theirs = repo.history(s, tid, dev, start, end)
         for p in theirs["points"]:
             p["ts"] = int(p["ts"].timestamp() * 1000)
-        for p in mine["points"]:
-            if isinstance(p["ts"], datetime):  # SQLite: the repository's own answer
-                p["ts"] = int(p["ts"].timestamp() * 1000)
         assert mine["bucket_s"] == theirs["bucket_s"] == bucket
-        assert len(mine["points"]) > 10 and mine["points"] == theirs["points"]
+        assert all(row[0].__class__ is int for row in mine["rows"])  # ts as unix ms, on both databases
+        points = data.history_points(mine)
+        assert len(points) > 10 and points == theirs["points"]
+        assert all(list(p) == list(q) for p, q in zip(points, theirs["points"]))  # same key order
         # and the API serves exactly these points (PostgreSQL: as the query built them)
-        r = world.client().get(f"/api/v1/devices/{dev}/history?start={int(start.timestamp() * 1000)}"
-                               f"&end={int(end.timestamp() * 1000)}", headers=world.a.auth("viewer"))
+        window = f"start={int(start.timestamp() * 1000)}&end={int(end.timestamp() * 1000)}"
+        r = world.client().get(f"/api/v1/devices/{dev}/history?{window}", headers=world.a.auth("viewer"))
         assert r.status_code == 200 and r.json["bucket_s"] == bucket and r.json["device"] == dev
         assert list(r.json) == ["device", "start", "end", "bucket_s", "points"]
         assert r.json["points"] == theirs["points"]
         assert all(list(p) == list(q) for p, q in zip(r.json["points"], theirs["points"]))  # same key order
+        # format=columns: the same values, one array per field in the points' key order
+        cols = world.client().get(f"/api/v1/devices/{dev}/history?{window}&format=columns",
+                                  headers=world.a.auth("viewer"))
+        assert cols.status_code == 200
+        assert list(cols.json) == ["device", "start", "end", "bucket_s", "columns"]
+        assert {k: cols.json[k] for k in ("device", "start", "end", "bucket_s")} == \
+            {k: r.json[k] for k in ("device", "start", "end", "bucket_s")}
+        assert list(cols.json["columns"]) == list(theirs["points"][0])
+        assert cols.json["columns"] == {k: [p[k] for p in theirs["points"]] for k in theirs["points"][0]}
 
 
 def test_history_of_a_device_without_points_and_of_another_tenants(world):
@@ -382,7 +392,14 @@ def test_history_of_a_device_without_points_and_of_another_tenants(world):
     for rng in ("1h", "24h", "7d"):
         r = c.get(f"/api/v1/devices/{dev}/history?range={rng}", headers=world.a.auth("viewer"))
         assert r.status_code == 200 and r.json["points"] == [] and r.json["device"] == dev, rng
-        r = c.get(f"/api/v1/devices/{dev}/history?range={rng}", headers=world.b.auth("viewer"))
-        assert r.status_code == 404 and "not found" in r.json["error"], rng
-        r = c.get(f"/api/v1/devices/{world.a.devices[0]}/history?range={rng}", headers=world.b.auth("admin"))
-        assert r.status_code == 404, rng
+        r = c.get(f"/api/v1/devices/{dev}/history?range={rng}&format=columns", headers=world.a.auth("viewer"))
+        fields = ["ts", "t", "h", "p", "rssi", "seq", "boot"] if rng == "1h" else \
+            ["ts", "n", "t", "t_min", "t_max", "h", "h_min", "h_max", "p", "p_min", "p_max"]
+        assert r.status_code == 200 and r.json["columns"] == {k: [] for k in fields}, rng
+        assert list(r.json["columns"]) == fields, rng
+        for fmt in ("", "&format=columns"):
+            r = c.get(f"/api/v1/devices/{dev}/history?range={rng}{fmt}", headers=world.b.auth("viewer"))
+            assert r.status_code == 404 and "not found" in r.json["error"], rng
+            r = c.get(f"/api/v1/devices/{world.a.devices[0]}/history?range={rng}{fmt}",
+                      headers=world.b.auth("admin"))
+            assert r.status_code == 404, rng
