@@ -129,6 +129,52 @@ def test_device_page_live_chart_and_command(page, world, live):
     assert page.errors == []
 
 
+def test_device_history_ranges(page, world, live):
+    """1 h (raw), 24 h (one-minute roll-ups), 7 d (hourly) and a custom window from the database, drawn from the
+    API's columns."""
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import insert
+
+    from cloud import db
+    from cloud.db import repo
+    from cloud.db.models import Telemetry, Telemetry1m
+
+    dev = f"hist-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    with db.session_factory(world.backend.engine)() as s:
+        repo.create_device(s, world.a.id, dev, "history ranges")
+        s.execute(insert(Telemetry), [
+            {"device_id": dev, "boot": 1, "seq": i, "tenant_id": world.a.id, "ts": now - timedelta(minutes=m),
+             "received_at": now, "t": 20.0 + i, "h": 40.0, "p": 1000.0, "rssi": -60, "up": i, "ts_estimated": False}
+            for i, m in enumerate((50, 30, 10))])
+        minute = datetime.fromtimestamp(int(now.timestamp()) // 60 * 60, timezone.utc)
+        s.execute(insert(Telemetry1m), [
+            {"device_id": dev, "bucket": minute - timedelta(hours=2 + i), "tenant_id": world.a.id, "n": 2,
+             "t_n": 2, "t_sum": 42.0, "t_min": 20.5, "t_max": 21.5, "h_n": 2, "h_sum": 80.0, "h_min": 40.0,
+             "h_max": 40.0, "p_n": 2, "p_sum": 2000.0, "p_min": 1000.0, "p_max": 1000.0} for i in range(5)])
+        s.commit()
+    sign_in(page, live, world.a.users["viewer"])
+    page.goto(f"{live.url}/devices/{dev}")
+    info = page.locator("#range-info")
+    expect(info).to_have_text("3 points")  # the last hour, raw
+    page.click("#ranges button[data-range='24h']")
+    expect(info).to_have_text("5 points (averaged per 60 s)")
+    page.click("#ranges button[data-range='7d']")
+    expect(info).to_have_text("0 points (averaged per 3600 s)")  # no hourly roll-ups stored
+    # custom: the last 40 minutes hold two of the raw readings (browser-local datetime-local values)
+    local = "ms => new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16)"
+    page.fill("#range-start", page.evaluate(local, int((now - timedelta(minutes=40)).timestamp() * 1000)))
+    page.fill("#range-end", page.evaluate(local, int((now + timedelta(minutes=2)).timestamp() * 1000)))
+    page.click("#custom-range button[type=submit]")
+    expect(info).to_have_text("2 points")
+    page.fill("#range-start", page.evaluate(local, int((now + timedelta(minutes=5)).timestamp() * 1000)))
+    page.click("#custom-range button[type=submit]")
+    expect(info).to_have_text("choose a start before the end")
+    assert page.errors == []
+
+
 def test_page_works_without_chart_library(page, world, live):
     page.route("**/static/vendor/**", lambda route: route.fulfill(status=404, body="missing"))
     sign_in(page, live, world.a.users["viewer"])

@@ -47,40 +47,62 @@
     METRICS.forEach(function (m) { charts[m.key].setData([series.x, series[m.key]]); });
   }
 
-  function pick(p, key) {
-    if (p[key] !== undefined) return p[key];
-    if (p[key + '_avg'] !== undefined) return p[key + '_avg'];
-    if (p['avg_' + key] !== undefined) return p['avg_' + key];
-    return null;
-  }
+  var historyRequest = 0;  // only the newest answer is drawn when ranges are clicked quickly
 
-  function loadHistory(range) {
+  function loadHistory(query) {
+    var mine = ++historyRequest;
     $('range-info').textContent = 'loading…';
-    return Live.api('GET', '/api/v1/devices/' + encodeURIComponent(deviceId) + '/history?range=' + range)
+    // format=columns: one array per field, oldest first -- what uPlot takes, without an object per point
+    return Live.api('GET', '/api/v1/devices/' + encodeURIComponent(deviceId) + '/history?format=columns&' + query)
       .then(function (data) {
-        var pts = data.points.filter(function (p) { return p.ts !== null; })
-          .sort(function (a, b) { return a.ts - b.ts; });
-        series = {x: [], t: [], h: [], p: []};
-        pts.forEach(function (p) {
-          series.x.push(p.ts / 1000);
-          METRICS.forEach(function (m) { series[m.key].push(pick(p, m.key)); });
-        });
+        if (mine !== historyRequest) return;
+        var c = data.columns, n = c.ts.length, x = new Array(n);
+        for (var i = 0; i < n; i++) x[i] = c.ts[i] / 1000;
+        series = {x: x, t: c.t, h: c.h, p: c.p};
         redraw();
-        $('range-info').textContent = pts.length + ' points' +
+        $('range-info').textContent = n + ' points' +
           (data.bucket_s ? ' (averaged per ' + data.bucket_s + ' s)' : '');
       })
-      .catch(function (e) { $('range-info').textContent = 'history unavailable: ' + e.message; });
+      .catch(function (e) {
+        if (mine === historyRequest) $('range-info').textContent = 'history unavailable: ' + e.message;
+      });
   }
 
-  document.querySelectorAll('#ranges button').forEach(function (b) {
+  function activate(button) {
+    document.querySelectorAll('#ranges button').forEach(function (o) { o.classList.remove('active'); });
+    if (button) button.classList.add('active');
+  }
+
+  document.querySelectorAll('#ranges button[data-range]').forEach(function (b) {
     b.addEventListener('click', function () {
-      document.querySelectorAll('#ranges button').forEach(function (o) { o.classList.remove('active'); });
-      b.classList.add('active');
+      activate(b);
       mode = b.dataset.range;
-      loadHistory(mode === 'live' ? '1h' : mode);
+      loadHistory('range=' + (mode === 'live' ? '1h' : mode));
     });
   });
-  loadHistory('1h');
+
+  // custom window: two datetime-local inputs (the browser's local time) -> unix ms for the API
+  var customForm = $('custom-range');
+  function localInput(ms) {  // unix ms -> 'YYYY-MM-DDTHH:MM' in the browser's zone (a datetime-local value)
+    var d = new Date(ms);
+    return new Date(ms - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+  }
+  if (customForm) {
+    $('range-end').value = localInput(Date.now() + 60000);
+    $('range-start').value = localInput(Date.now() - 24 * 3600 * 1000);
+    customForm.addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var start = new Date($('range-start').value).getTime(), end = new Date($('range-end').value).getTime();
+      if (isNaN(start) || isNaN(end) || start >= end) {
+        $('range-info').textContent = 'choose a start before the end';
+        return;
+      }
+      activate(customForm.querySelector('button'));
+      mode = 'custom';
+      loadHistory('start=' + start + '&end=' + end);
+    });
+  }
+  loadHistory('range=1h');
 
   // --- live values -----------------------------------------------------------------------------------------
   function setValues(r) {
@@ -115,7 +137,7 @@
   setInterval(tick, 5000);
 
   Live.on(function (ev) {
-    if (ev.type === 'resync') { refreshLatest(); if (mode === 'live') loadHistory('1h'); refreshPending(true); return; }
+    if (ev.type === 'resync') { refreshLatest(); if (mode === 'live') loadHistory('range=1h'); refreshPending(true); return; }
     if (ev.device !== deviceId) return;
     if (ev.type === 'reading') {
       setValues(ev);
