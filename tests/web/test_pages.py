@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import uuid
 
+import pytest
+
 from cloud.db import repo
 from tests.web.conftest import PASSWORD, login
 from tests.web.test_api import insert_alarm
@@ -247,3 +249,24 @@ def test_session_cookie_is_resigned_only_when_stale_or_changed(world, monkeypatc
     r = c.post("/logout", data={"csrf_token": csrf_of(c)})  # a changed session is always sent
     assert r.status_code == 302 and "iot_session=" in r.headers.get("Set-Cookie", "")
     assert c.get("/fleet").status_code == 302
+
+
+def test_web_engine_sessions_run_in_utc_whatever_the_server_default(world):
+    """The web tier's own engine (cloud.web.web_engine, not cloud.db.make_engine) sets TimeZone=UTC too."""
+    if world.backend.name != "postgres":
+        pytest.skip("PostgreSQL only")
+    from cloud.web import web_engine
+
+    with world.backend.engine.connect() as conn:
+        name = conn.exec_driver_sql("SELECT current_database()").scalar()
+        conn.exec_driver_sql(f"ALTER DATABASE {name} SET TimeZone = 'Asia/Kolkata'")
+        conn.commit()
+    engine = web_engine(world.backend.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
+    finally:
+        engine.dispose()
+        with world.backend.engine.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE {name} RESET TimeZone")
+            conn.commit()
