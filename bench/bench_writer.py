@@ -47,7 +47,7 @@ from cloud.bus.kafka import KafkaBus  # noqa: E402
 from cloud.cache import MemoryCache  # noqa: E402
 from cloud.db import maintenance, repo  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
-from cloud.writer import Writer  # noqa: E402
+from cloud.writer import LATE_ROLLUPS, Writer  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -162,6 +162,38 @@ def process_tree_cpu(pid: int | None) -> float:
     return total
 
 
+def process_tree_cpu_by_kind(pid: int | None) -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds) of ``pid`` and its children: kind from the process title ("backend" for client
+    sessions, else e.g. "walwriter", "checkpointer", "autovacuum worker")."""
+    if not pid:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            kind = title.removeprefix("postgres: ").strip() if title.startswith("postgres: ") else "postmaster"
+            if "127.0.0.1(" in kind or "[local]" in kind:
+                kind = "backend"
+            out[int(entry.name)] = (kind, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per process kind between two snapshots (processes started meanwhile count in full; those that
+    ended meanwhile are lost, so short-lived autovacuum workers may be undercounted)."""
+    result: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        result[kind] = result.get(kind, 0.0) + cpu - (before.get(pid, (kind, 0.0))[1])
+    return result
+
+
 def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog: int, rate: int,
                  seconds: float, profile: str | None = None, boot: int = 1, pg_pid: int | None = None) -> dict:
     suffix = uuid.uuid4().hex[:6]
@@ -204,6 +236,15 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
                 producer.poll(0)
         producer.flush(60)
 
+    # a reading below the roll-up watermark is "late" (rolled up in the writer's own transaction, a slower path):
+    # a previous run moved the mark up to a minute ahead of its own readings, so wait until it is behind ours
+    mark = maintenance.rollup_watermark(engine)
+    if mark is not None and mark.timestamp() * 1000 > now - 1000:
+        wait_s = mark.timestamp() - now / 1000 + 1
+        log.info("waiting %.0f s for the roll-up watermark of an earlier run to be behind the backlog", wait_s)
+        time.sleep(wait_s)
+        now = int(time.time() * 1000)
+    late_before = LATE_ROLLUPS._value.get()
     log.info("producing a backlog of %d readings", backlog)
     produce(backlog)
     writer = TimedWriter(settings, bus, engine, MemoryCache(), retention=False)
@@ -212,6 +253,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
     started = time.monotonic()
     pg_cpu_before = process_tree_cpu(pg_pid)
+    pg_kinds_before = process_tree_cpu_by_kind(pg_pid)
     thread.start()
     while writer.stored < backlog:
         time.sleep(0.05)
@@ -225,6 +267,9 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     rolled = maintenance.advance_rollups(engine, until=datetime.fromtimestamp(now / 1000 + 60, timezone.utc))
     rollup_s = time.monotonic() - t0
     pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
+    pg_kinds = cpu_by_kind(pg_kinds_before, process_tree_cpu_by_kind(pg_pid))
+    late_rows = LATE_ROLLUPS._value.get() - late_before
+    drain_load = os.getloadavg()[0]
     log.info("drained %d in %.1f s; roll-up job for the remaining %d readings %.1f s", backlog, drain_s, rolled,
              rollup_s)
     writer.lags.clear()
@@ -243,6 +288,9 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
             # (parse, batching, driver) and PostgreSQL (all its processes, the roll-up job included)
             "writer_cpu_us_per_row": writer_cpu_s / backlog * 1e6,
             "pg_cpu_us_per_row": pg_cpu_s / backlog * 1e6 if pg_pid else None,
+            "pg_cpu_us_per_row_by_process": {k: round(v / backlog * 1e6, 2) for k, v in sorted(pg_kinds.items())
+                                             if v > 0},
+            "late_rows": int(late_rows), "drain_load_average_1m": round(drain_load, 2),
             "steady_rate": rate,
             "steady_rows": len(lags), "lag_p50_ms": percentile(lags, 50) * 1000,
             "lag_p99_ms": percentile(lags, 99) * 1000, "lag_max_ms": max(lags) * 1000 if lags else None}
@@ -521,6 +569,9 @@ def main() -> int:
          fmt(result.get("ingest_rows_per_s") and 1e6 / result["writer_cpu_us_per_row"],
              "= {:,.0f} rows/s per writer core")),
         ("PostgreSQL CPU per row", fmt(result.get("pg_cpu_us_per_row"), "{:.1f} us"), "all backends, roll-ups included"),
+        ("  by process", "", ", ".join(f"{k} {v}" for k, v in (result.get("pg_cpu_us_per_row_by_process") or {}).items())),
+        ("  late readings (rolled up by the writer)", fmt(result.get("late_rows"), "{:,}"),
+         fmt(result.get("drain_load_average_1m"), "load {:.1f} after the drain")),
         ("latency Kafka -> committed, p50", fmt(result.get("lag_p50_ms"), "{:.0f} ms"),
          f"at {args.rate:,} msg/s steady"),
         ("latency Kafka -> committed, p99", fmt(result.get("lag_p99_ms"), "{:.0f} ms"),
