@@ -175,6 +175,38 @@ def test_device_history_ranges(page, world, live):
     assert page.errors == []
 
 
+def test_alarms_acknowledge_and_live_state(page, world, live):
+    """An operator acknowledges an alarm on the alarms page; another alarm's row follows its events live (no
+    reload): cleared, its buttons gone; an alarm not on the page shows the reload hint."""
+    from tests.web.test_api import insert_alarm
+
+    dev = world.a.devices[0]
+    first, second = insert_alarm(world, world.a.id, dev), insert_alarm(world, world.a.id, dev)
+    sign_in(page, live, world.a.users["operator"])
+    page.goto(live.url + "/alarms")
+    row = page.locator(f'tr[data-alarm="{first}"]')
+    row.locator("form.ack button").click()
+    page.wait_for_url("**/alarms")
+    expect(page.locator(f'tr[data-alarm="{first}"] td.state')).to_contain_text("acknowledged")
+    expect(page.locator(f'tr[data-alarm="{first}"] form.ack')).to_have_count(0)
+    expect(page.locator("body")).to_have_attribute("data-live", "live")
+    other = page.locator(f'tr[data-alarm="{second}"]')
+    assert other.locator("form.ack").count() == 1
+    event = {"type": "alarm", "alarm_id": second, "device": dev, "rule": "hot", "metric": "t", "value": 29.0,
+             "threshold": 30.0, "severity": "major", "ts": 1}
+    world.cache.publish(world.a.id, {**event, "state": "acknowledged"})
+    expect(other.locator("td.state")).to_have_text("acknowledged")
+    expect(other.locator("form.ack")).to_have_count(0)
+    assert other.locator("form.clear").count() == 1
+    world.cache.publish(world.a.id, {**event, "state": "cleared"})
+    expect(other.locator("td.state")).to_have_text("cleared")
+    expect(other.locator("form.clear")).to_have_count(0)
+    assert page.locator("#alarm-hint").is_hidden()
+    world.cache.publish(world.a.id, {**event, "alarm_id": "al-not-on-the-page", "state": "raised"})
+    expect(page.locator("#alarm-hint")).to_be_visible()
+    assert page.errors == []
+
+
 def test_page_works_without_chart_library(page, world, live):
     page.route("**/static/vendor/**", lambda route: route.fulfill(status=404, body="missing"))
     sign_in(page, live, world.a.users["viewer"])
