@@ -282,6 +282,18 @@ def test_cross_tenant_every_route(world, b_objects):
         assert b_objects["d"] not in text and world.b.users["admin"] not in text, path
 
 
+def test_every_api_route_with_an_id_is_tried_across_tenants(world):
+    """API_ROUTES_WITH_IDS (the cross-tenant test above) names every /api/v1 route and method that takes an
+    object id: a new route cannot be added without its cross-tenant check."""
+    tried = {(m, re.sub(r"\{[a-z]\}", "{}", t.split("?")[0])) for m, t, _ in API_ROUTES_WITH_IDS}
+    for rule in world.app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/v1") or "<" not in rule.rule:
+            continue
+        path = re.sub(r"<[^>]+>", "{}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (method, path) in tried, (method, rule.rule)
+
+
 def test_session_auth_needs_csrf_on_writes(world):
     c = world.client()
     csrf = login(c, world.a.users["operator"])
