@@ -16,7 +16,7 @@ from backlog import Backlog
 from commands import Commands, Led, exceeded
 
 FW = "1.0.0"
-_TICK_MS = const(50)  # loop period: command latency and LED blink resolution
+_TICK_MS = const(50)  # longest idle wait: LED blink resolution (a command wakes the loop at once)
 _DRAIN_MAX = const(20)  # publishes per loop pass, so the WDT is fed while a long backlog drains
 
 
@@ -91,6 +91,7 @@ class Device:
         self.led = Led(machine.Pin(c["led"]["pin"], machine.Pin.OUT))
         self.sensor = Sensor(c)
         self.net = net.Net(c["wifi"]["ssid"], c["wifi"]["password"])
+        gc.collect()  # link.py is the largest module: compile it in a defragmented heap
         from link import Link
         self.link = Link(c, self.id, self.boot, FW)
         self.backlog = Backlog(c["backlog"]["ram"], c["backlog"]["file"])
@@ -163,7 +164,7 @@ class Device:
         while True:
             self.step()
             wait = time.ticks_diff(self._next, time.ticks_ms())
-            time.sleep_ms(max(1, min(_TICK_MS, wait)))
+            self.link.wait(max(1, min(_TICK_MS, wait)))
 
 
 def main():

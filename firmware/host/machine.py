@@ -187,6 +187,6 @@ class WDT:
 
     def _watch(self):
         while True:
-            time.sleep_ms(200)
+            time.sleep(0.2)  # one select(); the port's sleep_ms wakes every millisecond (~4 % of a core)
             if time.ticks_diff(time.ticks_ms(), self._last) > self.timeout:
                 self._fire()

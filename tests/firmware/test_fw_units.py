@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .conftest import run_json
+from .conftest import free_port, run_json
 
 
 @pytest.mark.parametrize("env", [
@@ -133,3 +133,45 @@ print(json.dumps(out))
     assert got["order"] == list(range(7, 21))  # oldest dropped, rest in order
     assert 7 <= got["recovered"] <= 10  # unread file entries 10..16 (+ at most a few consumed ones) come back
     assert got["empty"] is None and got["file_left"] is False
+
+
+def test_link_wait_returns_when_the_broker_sends(run_mpy, tmp_path):
+    """The main loop idles in Link.wait: one blocking poll on the MQTT socket that ends as soon as a packet
+    arrives (a command is handled at once), the whole time when nothing comes, and a plain sleep offline."""
+    port = free_port()
+    script = r"""
+import json, select, socket, time
+from link import Link
+addr = socket.getaddrinfo("127.0.0.1", %d)[0][-1]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(addr)
+srv.listen(1)
+cli = socket.socket()
+cli.connect(addr)
+peer = srv.accept()[0]
+
+class Session:
+    sock = cli
+
+link = Link({}, "dev1", 1, "test")
+link.client, link.up = Session(), True
+link._poller = select.poll()  # as connect() registers the session's socket
+link._poller.register(cli, select.POLLIN)
+
+def timed(ms):
+    t0 = time.ticks_ms()
+    link.wait(ms)
+    return time.ticks_diff(time.ticks_ms(), t0)
+
+idle = timed(300)
+peer.write(b"\x30")
+woke = timed(10000)
+link.up = False
+offline = timed(200)
+print(json.dumps([idle, woke, offline]))
+""" % port
+    idle, woke, offline = run_json(run_mpy, script, tmp_path)
+    assert idle >= 290  # nothing arrived: the whole wait
+    assert woke < 5000  # a byte arrived: back at once, not after 10 s
+    assert offline >= 190
