@@ -413,15 +413,50 @@ def window_stats(engine, boot: int, t0_ms: int, t1_ms: int) -> dict:
                      extract(epoch FROM pg_xact_commit_timestamp(xmin) - received_at) * 1000 AS db
               FROM telemetry
               WHERE boot = :boot AND ts >= to_timestamp(:t0 / 1000.0) AND ts < to_timestamp(:t1 / 1000.0)) x""")
+    # where the tail comes from: the commit seconds of the window with the slowest rows (a periodic stall shows
+    # as evenly spaced seconds, overload as a run of them)
+    worst_q = text("""
+        SELECT to_char(date_trunc('second', c), 'HH24:MI:SS') AS at, count(*) AS n, max(lat) AS worst
+        FROM (SELECT pg_xact_commit_timestamp(xmin) AS c,
+                     extract(epoch FROM pg_xact_commit_timestamp(xmin) - ts) * 1000 AS lat
+              FROM telemetry
+              WHERE boot = :boot AND ts >= to_timestamp(:t0 / 1000.0) AND ts < to_timestamp(:t1 / 1000.0)) x
+        GROUP BY 1 ORDER BY 3 DESC LIMIT 5""")
+    # the writer's transactions (one per batch): rows, gap to the previous commit, and oldest Kafka append ->
+    # commit; a batch that waited behind a slow one shows a long age with a normal gap
+    batch_q = text("""
+        SELECT count(*) AS batches,
+               percentile_disc(0.5) WITHIN GROUP (ORDER BY n) AS rows_p50,
+               percentile_disc(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY gap) AS gap,
+               max(gap) AS gap_max,
+               percentile_disc(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY age) AS age
+        FROM (SELECT n, extract(epoch FROM c - lag(c) OVER (ORDER BY c)) * 1000 AS gap,
+                     extract(epoch FROM c - oldest) * 1000 AS age
+              FROM (SELECT pg_xact_commit_timestamp(xmin) AS c, count(*) AS n, min(received_at) AS oldest
+                    FROM telemetry
+                    WHERE boot = :boot AND ts >= to_timestamp(:t0 / 1000.0) AND ts < to_timestamp(:t1 / 1000.0)
+                    GROUP BY xmin) t) b""")
     with engine.connect() as conn:
         row = conn.execute(q, {"boot": boot, "t0": t0_ms, "t1": t1_ms}).one()
+        worst = conn.execute(worst_q, {"boot": boot, "t0": t0_ms, "t1": t1_ms}).all()
+        batch = conn.execute(batch_q, {"boot": boot, "t0": t0_ms, "t1": t1_ms}).one()
     pct = [float(x) for x in row.pct] if row.pct else [float("nan")] * 3
     kafka = [round(float(x), 1) for x in row.kafka] if row.kafka else [None, None]
     dbl = [round(float(x), 1) for x in row.db] if row.db else [None, None]
     return {"stored": row.n, "p50_ms": round(pct[0], 1), "p95_ms": round(pct[1], 1), "p99_ms": round(pct[2], 1),
             "max_ms": round(float(row.worst), 1) if row.worst is not None else None,
             "to_kafka_p50_ms": kafka[0], "to_kafka_p99_ms": kafka[1], "kafka_to_db_p50_ms": dbl[0],
-            "kafka_to_db_p99_ms": dbl[1]}
+            "kafka_to_db_p99_ms": dbl[1],
+            "worst_seconds": [{"at": w.at, "rows": w.n, "max_ms": round(float(w.worst), 1)} for w in worst],
+            "writer_batches": {"count": batch.batches, "rows_p50": batch.rows_p50,
+                               "commit_gap_p50_ms": _r1(batch.gap, 0), "commit_gap_p99_ms": _r1(batch.gap, 1),
+                               "commit_gap_max_ms": _r1([batch.gap_max], 0),
+                               "oldest_to_commit_p50_ms": _r1(batch.age, 0),
+                               "oldest_to_commit_p99_ms": _r1(batch.age, 1)}}
+
+
+def _r1(values, i: int) -> float | None:
+    return round(float(values[i]), 1) if values and values[i] is not None else None
 
 
 def freshness(engine, boot: int) -> dict:
@@ -680,6 +715,13 @@ def run(args) -> dict:
                   f"(newest {w['newest_age_ms']} ms old), "
                   f"machine CPU {usage['machine']['cpu_pct']}% -> {'holds' if step['holds'] else 'DOES NOT HOLD'}",
                   flush=True)
+            b = w["writer_batches"]
+            print(f"  writer batches: {b['count']:,}, {b['rows_p50']} rows (p50), commit gap p50/p99/max "
+                  f"{b['commit_gap_p50_ms']}/{b['commit_gap_p99_ms']}/{b['commit_gap_max_ms']} ms, oldest Kafka "
+                  f"append -> commit p50/p99 {b['oldest_to_commit_p50_ms']}/{b['oldest_to_commit_p99_ms']} ms",
+                  flush=True)
+            print("  slowest commit seconds: " + ", ".join(f"{x['at']} {x['max_ms']:.0f} ms ({x['rows']} rows)"
+                                                         for x in w["worst_seconds"]), flush=True)
             if not step["holds"]:
                 break
             best = step
