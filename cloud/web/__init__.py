@@ -36,6 +36,7 @@ class WebContext:
     cache: Any
     hub: Any = None
     read_session_factory: Any = None
+    limiter: Any = None  # login rate limit (cloud/web/ratelimit.py)
     _producer: Any = None
     _producer_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -247,6 +248,9 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     context = WebContext(settings=settings, engine=engine, session_factory=session_factory, bus=bus,
                          cache=cache, read_session_factory=read_session_factory)
     context.hub = Hub(cache)
+    from cloud.web.ratelimit import limiter_from
+
+    context.limiter = limiter_from(settings, cache)
     app.extensions["iot"] = context
 
     from cloud.web import api, auth, ops, pages, ws

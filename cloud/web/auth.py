@@ -12,15 +12,14 @@ rules; admins also provision devices and manage users and API tokens.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from functools import wraps
 from typing import Callable
 
-from flask import (Blueprint, abort, flash, g, jsonify, redirect, render_template, request, session, url_for)
+from flask import (Blueprint, abort, flash, g, jsonify, make_response, redirect, render_template, request, session,
+                   url_for)
 
 from cloud.db import repo
 from cloud.web import ctx, release_request_session, request_session
@@ -45,46 +44,8 @@ class Principal:
 
 
 # --- login rate limit -------------------------------------------------------------------------------------
-
-class RateLimiter:
-    """Failed logins per (ip, email) and per ip in a sliding window, in memory (one process)."""
-
-    def __init__(self, per_key: int = 5, per_ip: int = 30, window_s: float = 300.0):
-        self.per_key, self.per_ip, self.window = per_key, per_ip, window_s
-        self._fails: dict[tuple[str, str], deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
-        q = self._fails.setdefault(key, deque())
-        while q and q[0] < now - self.window:
-            q.popleft()
-        return q
-
-    def blocked(self, ip: str, email: str) -> float:
-        """Seconds until another attempt is allowed (0: allowed)."""
-        now = time.monotonic()
-        with self._lock:
-            for key, cap in (((ip, email), self.per_key), ((ip, ""), self.per_ip)):
-                q = self._recent(key, now)
-                if len(q) >= cap:
-                    return max(1.0, q[0] + self.window - now)
-        return 0.0
-
-    def fail(self, ip: str, email: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._fails) > 100_000:  # bound memory under a spray of addresses
-                self._fails.clear()
-            self._recent((ip, email), now).append(now)
-            self._recent((ip, ""), now).append(now)
-
-    def succeed(self, ip: str, email: str) -> None:
-        with self._lock:
-            self._fails.pop((ip, email), None)
-
-
-limiter = RateLimiter()
-
+# cloud/web/ratelimit.py: in Redis (shared by every worker and host) in production, in memory in the demo; the
+# app's limiter is ctx().limiter
 
 # --- helpers ----------------------------------------------------------------------------------------------
 
@@ -207,24 +168,31 @@ def login():
         email = (request.form.get("email") or "").strip().lower()
         password = request.form.get("password") or ""
         ip = request.remote_addr or "?"
-        wait = limiter.blocked(ip, email)
-        if wait:
-            error, status = f"Too many failed attempts. Try again in {int(wait)} s.", 429
-        else:
-            with ctx().session_factory() as s:
-                user = repo.authenticate(s, email, password) if email and password else None
-                if user is not None:
-                    uid, tid = user.id, user.tenant_id
-            if user is None:
-                limiter.fail(ip, email)
-                error, status = "Unknown email or wrong password.", 401
+        limiter = ctx().limiter
+        ticket, wait = limiter.begin(ip, email)  # takes the attempt's slot; refused: nothing is checked
+        if ticket is None:
+            retry_after = max(1, math.ceil(wait))
+            error = f"Too many failed attempts. Try again in {retry_after} s."
+            if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+                response = make_response(jsonify(error=error, retry_after=retry_after), 429)
             else:
-                limiter.succeed(ip, email)
-                session.clear()  # no session fixation: a fresh session (and CSRF token) after login
-                session.permanent = True
-                session["uid"], session["tid"] = uid, tid
-                csrf_token()
-                return redirect(_safe_next(request.args.get("next")))
+                response = make_response(render_template("login.html", error=error,
+                                                         next=request.args.get("next", "")), 429)
+            response.headers["Retry-After"] = str(retry_after)
+            return response
+        with ctx().session_factory() as s:
+            user = repo.authenticate(s, email, password) if email and password else None
+            if user is not None:
+                uid, tid = user.id, user.tenant_id
+        if user is None:  # the slot stays taken: a failed attempt
+            error, status = "Unknown email or wrong password.", 401
+        else:
+            limiter.succeeded(ip, email, ticket)  # a success does not count
+            session.clear()  # no session fixation: a fresh session (and CSRF token) after login
+            session.permanent = True
+            session["uid"], session["tid"] = uid, tid
+            csrf_token()
+            return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", error=error, next=request.args.get("next", "")), status
 
 
