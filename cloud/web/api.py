@@ -424,7 +424,16 @@ def alarms():
     with ctx().session_factory() as s:
         items, total = data.list_alarms(s, _tid(), state=state, device_id=request.args.get("device") or None,
                                         severity=severity, limit=limit, offset=offset)
-        return listing([ser.alarm(a) for a in items], total, limit, offset)
+        names = data.device_names(s, _tid(), (a.device_id for a in items))
+        return listing([ser.alarm(a, names.get(a.device_id)) for a in items], total, limit, offset)
+
+
+@bp.get("/alarms/<alarm_id>")
+@login_required()
+def alarm(alarm_id: str):
+    with ctx().session_factory() as s:
+        a = data.get_alarm(s, _tid(), alarm_id)
+        return jsonify(ser.alarm(a, data.device_names(s, _tid(), [a.device_id]).get(a.device_id)))
 
 
 def _alarm_transition(alarm_id: str, action: str):
@@ -434,7 +443,7 @@ def _alarm_transition(alarm_id: str, action: str):
             a = fn(s, _tid(), alarm_id, g.principal.email)
         except ValueError as exc:  # e.g. clearing an already cleared alarm
             return jsonify(error=str(exc)), 409
-        out = ser.alarm(a)
+        out = ser.alarm(a, data.device_names(s, _tid(), [a.device_id]).get(a.device_id))
     publish_alarm_event(out)
     return jsonify(out)
 

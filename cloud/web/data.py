@@ -188,6 +188,22 @@ def list_alarms(s, tenant_id: int, *, state: str | None, device_id: str | None, 
                                   limit=limit, offset=offset))
 
 
+def get_alarm(s, tenant_id: int, alarm_id: str):
+    a = repo.get_alarm(s, tenant_id, alarm_id)
+    if a is None:
+        raise NotFound(f"alarm {alarm_id!r} not found")
+    return a
+
+
+def device_names(s, tenant_id: int, device_ids) -> dict[str, str | None]:
+    """Display names of these devices of the tenant (alarm rows show them next to the id)."""
+    ids = sorted(set(device_ids))
+    if not ids:
+        return {}
+    rows = s.execute(select(Device.id, Device.name).where(Device.tenant_id == tenant_id, Device.id.in_(ids)))
+    return {device_id: name for device_id, name in rows}
+
+
 def ack_alarm(s, tenant_id: int, alarm_id: str, by: str):
     a = repo.ack_alarm(s, tenant_id, alarm_id, by)
     if a is None:

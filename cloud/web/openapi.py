@@ -126,6 +126,8 @@ def spec() -> dict:
         "/api/v1/alarms": {"get": _op("Alarms, newest first", _json(_list("Alarm")), params=[
             _query("state", "active = raised or acknowledged", enum=("active", *ALARM_STATES)),
             _query("severity", "severity", enum=SEVERITIES), _query("device", "device id"), *PAGE])},
+        "/api/v1/alarms/{alarm_id}": {"get": _op("One alarm", _json(_ref("Alarm")),
+                                                 params=[_path("alarm_id", "alarm id")])},
         "/api/v1/alarms/{alarm_id}/ack": {"post": _op("Acknowledge an alarm", _json(_ref("Alarm")), role="operator",
                                                       params=[_path("alarm_id", "alarm id")])},
         "/api/v1/alarms/{alarm_id}/clear": {"post": _op("Clear an alarm", _json(_ref("Alarm")), role="operator",
@@ -212,7 +214,8 @@ def spec() -> dict:
             "created_at": {"type": "string"}, "expires_at": {"type": "string", "nullable": True},
             "sent_at": {"type": "string", "nullable": True}, "finished_at": {"type": "string", "nullable": True}}},
         "Alarm": {"type": "object", "properties": {
-            "id": {"type": "string"}, "device": {"type": "string"}, "rule": {"type": "string"},
+            "id": {"type": "string"}, "device": {"type": "string"},
+            "device_name": {"type": "string", "nullable": True}, "rule": {"type": "string"},
             "metric": {"type": "string"}, "severity": {"type": "string", "enum": list(SEVERITIES)},
             "state": {"type": "string", "enum": list(ALARM_STATES)}, "value": {"type": "number", "nullable": True},
             "threshold": {"type": "number", "nullable": True}, "raised_at": {"type": "string"},

@@ -72,9 +72,9 @@ def command(c: Any) -> dict[str, Any]:
     }
 
 
-def alarm(a: Any) -> dict[str, Any]:
+def alarm(a: Any, device_name: str | None = None) -> dict[str, Any]:
     return {
-        "id": a.id, "device": a.device_id, "rule": a.rule, "metric": a.metric, "severity": a.severity,
+        "id": a.id, "device": a.device_id, "device_name": device_name, "rule": a.rule, "metric": a.metric, "severity": a.severity,
         "state": a.state, "value": a.value, "threshold": a.threshold, "raised_at": iso(a.raised_at),
         "acknowledged_at": iso(a.acknowledged_at), "acknowledged_by": a.acknowledged_by,
         "cleared_at": iso(a.cleared_at),

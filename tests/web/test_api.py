@@ -24,6 +24,7 @@ API_ROUTES_WITH_IDS = [
     ("POST", "/api/v1/devices/{d}/rotate", None),
     ("POST", "/api/v1/devices/{d}/revoke", None),
     ("GET", "/api/v1/commands/{c}", None),
+    ("GET", "/api/v1/alarms/{a}", None),
     ("POST", "/api/v1/alarms/{a}/ack", None),
     ("POST", "/api/v1/alarms/{a}/clear", None),
     ("GET", "/api/v1/rules/{r}", None),
@@ -248,6 +249,11 @@ def test_alarms_list_ack_clear(world):
     alarm_id = insert_alarm(world, world.a.id, dev)
     r = c.get(f"/api/v1/alarms?state=active&device={dev}", headers=world.a.auth("viewer"))
     assert alarm_id in [a["id"] for a in r.json["items"]]
+    assert {a["device_name"] for a in r.json["items"]} == {"Cold room"}
+    r = c.get(f"/api/v1/alarms/{alarm_id}", headers=world.a.auth("viewer"))
+    assert r.status_code == 200 and r.json["id"] == alarm_id and r.json["state"] == "raised"
+    assert r.json["device"] == dev and r.json["device_name"] == "Cold room"
+    assert c.get("/api/v1/alarms/al-none", headers=world.a.auth("viewer")).status_code == 404
     assert c.get("/api/v1/alarms?state=bogus", headers=world.a.auth("viewer")).status_code == 400
     assert c.post(f"/api/v1/alarms/{alarm_id}/ack", headers=world.a.auth("viewer")).status_code == 403
     r = c.post(f"/api/v1/alarms/{alarm_id}/ack", headers=world.a.auth("operator"))
