@@ -239,7 +239,8 @@ def alarms():
     with ctx().session_factory() as s:
         items, total = data.list_alarms(s, _tid(), state=None if state == "all" else state, device_id=device_id,
                                         severity=severity, limit=200, offset=0)
-        items = [ser.alarm(a) for a in items]
+        names = data.device_names(s, _tid(), (a.device_id for a in items))
+        items = [ser.alarm(a, names.get(a.device_id)) for a in items]
     return render_template("alarms.html", alarms=items, state=state, severity=severity or "",
                            device=device_id or "", severities=schema.SEVERITIES, total=total)
 
