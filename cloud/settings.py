@@ -47,6 +47,10 @@ class Settings:
     web_port: int = 8000
     web_workers: int = 2  # gunicorn processes of `python -m cloud web`
     web_threads: int = 200  # threads per worker; each open WebSocket holds one
+    # reverse proxies in front of the web tier (Traefik in the compose file: 1) whose X-Forwarded-For/-Proto/-Host
+    # are trusted; 0 = none (the client address is the TCP peer). The login limiter counts per client address:
+    # behind a proxy without this, every user would share the proxy's address and its limit.
+    web_proxy_hops: int = 0
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     metrics_port: int = 0  # health + metrics HTTP port of non-web services; 0 = pick a free one
     secret_key: str = "dev-only-change-me"
@@ -157,6 +161,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "IOT_WEB_PORT": ("web_port", _int_range(1, 65535)),
     "IOT_WEB_WORKERS": ("web_workers", _int_range(1, 64)),
     "IOT_WEB_THREADS": ("web_threads", _int_range(1, 10_000)),
+    "IOT_WEB_PROXY_HOPS": ("web_proxy_hops", _int_range(0, 8)),
     "IOT_METRICS_HOST": ("metrics_host", _text),
     "IOT_METRICS_PORT": ("metrics_port", _int_range(0, 65535)),
     "IOT_SECRET_KEY": ("secret_key", _text),

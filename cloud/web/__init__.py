@@ -264,6 +264,12 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     app.register_blueprint(ws.bp)
     app.register_blueprint(ops.bp)
     _install_common(app)
+    if settings.web_proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # only as many forwarded hops as proxies we run: a client cannot spoof its address past them
+        hops = settings.web_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     return app
 
 

@@ -213,3 +213,33 @@ def test_memory_limiter_windows():
     ok = limiter.begin("e", "q@y")[0]
     limiter.succeeded("e", "q@y", ok)
     assert limiter.begin("e", "q@y")[0] and limiter.begin("e", "q@y")[0]  # the success took no slot
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_client_address_behind_the_proxy(world, hops):
+    """Behind Traefik (IOT_WEB_PROXY_HOPS=1) the limit counts per forwarded client address, so one client's
+    failures do not lock out everyone else behind the same proxy; without a proxy configured the header is a
+    client's own claim and is ignored, so rotating it does not get past the limit."""
+    from dataclasses import replace
+
+    from cloud.web import create_app
+
+    app = create_app(replace(world.settings, web_proxy_hops=hops), engine=world.backend.engine,
+                     bus=MemoryBus(partitions=1), cache=world.cache)
+    app.config["TESTING"] = True
+    app.extensions["iot"].limiter = MemoryLoginLimiter()
+    try:
+        proxy = _address()
+        email = world.a.users["viewer"]
+        for n in range(5):
+            b = Browser(app, proxy)
+            r = b.login(email, "wrong password!", headers={"X-Forwarded-For": f"198.51.100.{n + 1}"})
+            assert r.status_code == 401
+        other = Browser(app, proxy)
+        r = other.login(email, PASSWORD, headers={"X-Forwarded-For": "203.0.113.9"})
+        if hops:
+            assert r.status_code == 302  # another client behind the proxy: its own window
+        else:
+            assert r.status_code == 429  # same TCP peer and account: the forged header changes nothing
+    finally:
+        app.extensions["iot"].hub.close()
