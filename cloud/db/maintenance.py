@@ -299,6 +299,7 @@ def advance_rollups(engine: Engine, until: datetime | None = None, now: datetime
     if until is None:
         until = _floor((now or datetime.now(timezone.utc)) - ROLLUP_GRACE, ROLLUP_GRANULE)
     with engine.connect() as conn:
+        summarize_claimed_range(conn)
         total = finish_claimed_rollups(conn)
         conn.commit()
         while True:
@@ -306,10 +307,47 @@ def advance_rollups(engine: Engine, until: datetime | None = None, now: datetime
                 hi = claim_rollups(conn, until, step)
             if hi is None:
                 return total
+            summarize_claimed_range(conn)
             total += finish_claimed_rollups(conn)
             conn.commit()
             if hi >= until:
                 return total
+
+
+_TS_INDEX_OF = ("SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid "
+                "WHERE h.inhparent = to_regclass('ix_telemetry_ts') AND i.indrelid = to_regclass(%(p)s)")
+
+
+def summarize_claimed_range(conn) -> int:
+    """Summarize the not yet summarized block ranges of the BRIN index on ts (``brin_summarize_new_values``) of the
+    partitions the pending claim covers, in a transaction of its own (committed here). Returns the ranges added.
+
+    A BRIN index summarizes a block range only when VACUUM (or this) does; until then every scan by ts reads the
+    range whatever it holds. The roll-up job reads a claimed minute by ts, so without this each run read every
+    page written since the partition's last vacuum: measured on the bench_writer dataset, 1,250,099 rows read
+    for 199,906 claimed (20,497 heap blocks, 521 ms); after summarizing (0.19 s, once) 3,985 blocks. Blocks
+    written later into a summarized range widen its summary as they are inserted, so only new ranges need this.
+    Failures (e.g. a role that does not own the table) are logged and skipped: the scan stays correct, only
+    slower."""
+    claim = conn.exec_driver_sql("SELECT pending_lo, pending_hi FROM rollup_watermark WHERE id = 1").first()
+    conn.commit()
+    if claim is None or claim[0] is None:
+        return 0
+    lo, hi = claim
+    day, last = _utc_day(lo), _utc_day(hi)
+    added = 0
+    try:
+        while day <= last:
+            index = conn.exec_driver_sql(_TS_INDEX_OF, {"p": partition_name(day)}).scalar()
+            if index:
+                added += int(conn.exec_driver_sql("SELECT brin_summarize_new_values(%(i)s::regclass)",
+                                                  {"i": index}).scalar() or 0)
+            day += timedelta(days=1)
+        conn.commit()
+    except Exception as exc:  # noqa: BLE001 - an optimisation only
+        conn.rollback()
+        log.warning("roll-up job: could not summarize the ts index: %s", str(exc).splitlines()[0][:200])
+    return added
 
 
 def claim_rollups(conn, until: datetime, step: timedelta = ROLLUP_STEP) -> datetime | None:
@@ -344,6 +382,11 @@ def finish_claimed_rollups(conn) -> int:
     if claim is None or claim[0] is None:
         return 0
     lo, hi, snapshot = claim
+    # the partition's statistics lag behind its newest rows, so the planner expects one row and sorts every
+    # claimed reading for the grouping: with the default 4 MB that sort spilled to disk (200,000 readings on the
+    # bench_writer dataset: 521 ms; in memory 325 ms). (enable_sort = off got a hash aggregate, 256 ms, but
+    # over a range of many partitions a plan that took minutes.)
+    conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     added = int(conn.exec_driver_sql(_ADVANCE_CLAIMED_SQL, {"lo": lo, "hi": hi, "snap": snapshot}).scalar() or 0)
     conn.exec_driver_sql("UPDATE rollup_watermark SET pending_lo = NULL, pending_hi = NULL, pending_snapshot = NULL "
                          "WHERE id = 1")
