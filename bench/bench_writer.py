@@ -264,7 +264,10 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     # the roll-ups of the backlog are part of the work: what the writer's own roll-up job has not counted yet
     # is counted now, and the throughput figure includes that time
     t0 = time.monotonic()
-    rolled = maintenance.advance_rollups(engine, until=datetime.fromtimestamp(now / 1000 + 60, timezone.utc))
+    # up to just past the backlog's newest reading (now + its largest seq): a mark further ahead (it was now + 60 s)
+    # made every reading of the steady phase below it, i.e. late, and timed the late path instead
+    rolled = maintenance.advance_rollups(engine, until=datetime.fromtimestamp((now + max(seqs.values()) + 1) / 1000,
+                                                                              timezone.utc))
     rollup_s = time.monotonic() - t0
     pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
     pg_kinds = cpu_by_kind(pg_kinds_before, process_tree_cpu_by_kind(pg_pid))
@@ -280,6 +283,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     while writer.stored < before + steady and time.monotonic() < deadline:
         time.sleep(0.05)
     lags = list(writer.lags)
+    steady_late = LATE_ROLLUPS._value.get() - late_before - late_rows
     stop.set()
     thread.join(30)
     return {"backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),
@@ -290,7 +294,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
             "pg_cpu_us_per_row": pg_cpu_s / backlog * 1e6 if pg_pid else None,
             "pg_cpu_us_per_row_by_process": {k: round(v / backlog * 1e6, 2) for k, v in sorted(pg_kinds.items())
                                              if v > 0},
-            "late_rows": int(late_rows), "drain_load_average_1m": round(drain_load, 2),
+            "late_rows": int(late_rows), "steady_late_rows": int(steady_late), "drain_load_average_1m": round(drain_load, 2),
             "steady_rate": rate,
             "steady_rows": len(lags), "lag_p50_ms": percentile(lags, 50) * 1000,
             "lag_p99_ms": percentile(lags, 99) * 1000, "lag_max_ms": max(lags) * 1000 if lags else None}
@@ -381,6 +385,18 @@ def explain_queries(engine, devices: list[tuple[int, str]], end: datetime, count
         conn.rollback()
 
 
+def print_statements(engine, rows: int) -> None:
+    """pg_stat_statements since the reset before the ingest, by total execution time, per stored row."""
+    with engine.connect() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 150) "
+            "FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15").all()
+    print(f"--- pg_stat_statements, ingest of {rows:,} rows (backlog + steady): exec us per stored row, calls, rows",
+          file=sys.stderr)
+    for calls, total_ms, n, query in found:
+        print(f"{total_ms * 1000 / rows:8.2f} us {calls:7d} {n:9d}  {query}", file=sys.stderr)
+
+
 DATASET_TABLE = "bench_writer_dataset"
 
 
@@ -449,6 +465,9 @@ def main() -> int:
                         help="PostgreSQL shared_buffers for this run (default %(default)s)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the queries")
     parser.add_argument("--skip-queries", action="store_true", help="only the ingest")
+    parser.add_argument("--pg-statements", action="store_true",
+                        help="load pg_stat_statements and print, to stderr, the statements of the ingest by total time "
+                             "(the share of each part of the write path; PostgreSQL started here only)")
     parser.add_argument("--explain", type=int, default=0, metavar="N",
                         help="after the timed queries, print EXPLAIN (ANALYZE, BUFFERS) of both for N other random "
                              "devices to stderr (PostgreSQL)")
@@ -460,6 +479,9 @@ def main() -> int:
             if "--" + name.replace("_", "-") not in given:
                 setattr(args, name, value)
     PG_SETTINGS["shared_buffers"] = args.shared_buffers
+    if args.pg_statements:
+        PG_SETTINGS.update({"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all",
+                            "pg_stat_statements.track_utility": "on"})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cloud").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -521,8 +543,19 @@ def main() -> int:
                 services.append(kafka)
                 bootstrap = kafka.bootstrap
             boot = int(time.time()) % 2**31  # a boot of its own: never collides with the dataset or earlier runs
+            if args.pg_statements:
+                if pg_pid is None:
+                    raise SystemExit("--pg-statements needs the PostgreSQL this bench starts")
+                import psycopg
+
+                with psycopg.connect(pg.admin_dsn.replace("dbname=postgres", f"dbname={pg.database}"),
+                                     autocommit=True) as admin:
+                    admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                    admin.execute("SELECT pg_stat_statements_reset()")
             ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds,
                                   profile=args.profile, boot=boot, pg_pid=pg_pid)
+            if args.pg_statements:
+                print_statements(engine, args.backlog + int(args.rate * args.seconds))
         engine.dispose()
     finally:
         for service in reversed(services):
