@@ -354,22 +354,26 @@ class Writer:
         # The consumer is only ever called from this thread: the Kafka client serialises calls on one handle,
         # and a commit from the store thread starved behind this thread's back-to-back polls. So the store
         # thread hands stored batches back (``stored``) and this thread commits their offsets, in order.
+        # ``store_idle`` is set by the store thread while it waits for a batch and cleared here when one is handed
+        # over, so a batch is closed when it can be stored at once (_collect) and the handoff never queues.
         handoff: queue.Queue = queue.Queue(maxsize=1)
         stored: queue.SimpleQueue = queue.SimpleQueue()
+        store_idle = threading.Event()
+        store_idle.set()
         failure: list[BaseException] = []
-        storer = threading.Thread(target=self._store_stage, args=(handoff, stored, stop, failure),
+        storer = threading.Thread(target=self._store_stage, args=(handoff, stored, stop, failure, store_idle),
                                   name="writer-store", daemon=True)
         storer.start()
         try:
             while not stop.is_set() and storer.is_alive():
                 self._commit_stored(stored)
-                records = self._collect(stop)
-                if not records:
+                batch = self._collect(stop, store_idle)
+                if batch is None:
                     continue
-                parsed = self._parse(records)
+                store_idle.clear()
                 while not stop.is_set() and storer.is_alive():
                     try:
-                        handoff.put((records, parsed), timeout=0.2)
+                        handoff.put(batch, timeout=0.2)
                         break
                     except queue.Full:
                         self._commit_stored(stored)
@@ -393,7 +397,7 @@ class Writer:
             raise failure[0]
 
     def _store_stage(self, handoff: queue.Queue, stored: queue.SimpleQueue, stop: threading.Event,
-                     failure: list[BaseException]) -> None:
+                     failure: list[BaseException], idle: threading.Event | None = None) -> None:
         """The store thread: parsed batches, in order, into the database; each stored batch goes to ``stored``
         for its offsets to be committed. A batch abandoned because of ``stop`` ends the thread: no later batch
         may have its offsets committed past it."""
@@ -401,6 +405,8 @@ class Writer:
             while True:
                 # partition DDL and retention here, between batches as before, never beside a batch's insert
                 self._maybe_maintain(stop)
+                if idle is not None:
+                    idle.set()
                 try:
                     item = handoff.get(timeout=0.5)
                 except queue.Empty:
@@ -430,27 +436,48 @@ class Writer:
         return self._paused_since is None, details
 
     # --- batching -------------------------------------------------------------------------------------------
-    def _collect(self, stop: threading.Event) -> list[Record]:
-        """One batch: up to writer_batch_size records, closed writer_batch_ms after its FIRST record.
+    def _collect(self, stop: threading.Event, store_idle: threading.Event | None = None
+                 ) -> tuple[list[Record], tuple[list[Item], list[tuple[Record, str]]]] | None:
+        """One batch and what ``_parse`` made of it, or None when nothing came for a while.
+
+        Group commit: the batch closes as soon as the store stage is free (``store_idle``) and nothing more is
+        waiting in the consumer, but not before ``writer_batch_ms`` after its first record, and at
+        ``writer_batch_size`` records. A reading at a low rate waits for no timer (a fixed window held every
+        batch for it: with the consumer's 50 ms fetch wait, the batch cycle was ~100 ms at any rate); under load,
+        what arrives while the store stage is busy joins the open batch, so batches grow with the load and none
+        queues behind another. Each chunk is parsed as it arrives, while the store stage has the previous batch
+        in the database.
 
         librdkafka's consume() waits for the whole count or the whole timeout, so a single large poll held every
-        batch for the full poll timeout at low rates (~0.8 s from Kafka to the database). Short polls let a batch
-        close on time; empty slices only mean "nothing yet"."""
+        batch for the full poll timeout at low rates; short polls let a batch close on time."""
         size = self.settings.writer_batch_size
-        slice_s = min(0.05, self.settings.writer_batch_ms / 1000)
+        linger = self.settings.writer_batch_ms / 1000
+        poll = self.consumer.poll_batch
         idle_until = time.monotonic() + 0.5  # return now and then, so run() can see `stop` and do maintenance
         records: list[Record] = []
         while not records:
             if stop.is_set() or time.monotonic() >= idle_until:
-                return []
-            records = self.consumer.poll_batch(max_records=size, timeout=slice_s)
-        deadline = time.monotonic() + self.settings.writer_batch_ms / 1000
+                return None
+            records = poll(max_records=size, timeout=0.05)
+        items, rejected = self._parse(records)
+        earliest = time.monotonic() + linger
         while len(records) < size and not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            records.extend(self.consumer.poll_batch(max_records=size - len(records), timeout=min(remaining, slice_s)))
-        return records
+            wait = earliest - time.monotonic()
+            if wait > 0:  # lingering for more (writer_batch_ms)
+                more = poll(max_records=size - len(records), timeout=min(wait, 0.05))
+            elif store_idle is None or store_idle.is_set():
+                more = poll(max_records=size - len(records), timeout=0)
+                if not more:
+                    break  # the store stage is free and nothing is waiting: close now
+            else:  # the store stage is busy: wake the moment it is free, take what came meanwhile
+                store_idle.wait(0.01)
+                more = poll(max_records=size - len(records), timeout=0)
+            if more:
+                records.extend(more)
+                more_items, more_rejected = self._parse(more)
+                items.extend(more_items)
+                rejected.extend(more_rejected)
+        return records, (items, rejected)
 
     def _commit_stored(self, stored: queue.SimpleQueue, wait: bool = False) -> None:
         while True:
