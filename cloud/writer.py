@@ -144,7 +144,10 @@ class DatabaseDown(Exception):
 
 
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, (OperationalError, InterfaceError)):
+    # the raw driver's own classes too: COPY and the batch statements run on the psycopg cursor, whose errors
+    # SQLAlchemy does not wrap (a connection lost mid-COPY is psycopg.OperationalError)
+    if isinstance(exc, (OperationalError, InterfaceError, psycopg_errors.OperationalError,
+                        psycopg_errors.InterfaceError)):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
