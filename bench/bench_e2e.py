@@ -713,7 +713,8 @@ def run(args) -> dict:
                   f"{w['to_kafka_p99_ms']}, Kafka -> DB {w['kafka_to_db_p50_ms']}/{w['kafka_to_db_p99_ms']}), "
                   f"alarm p99 {step['alarm_p99_ms']} ms, stored so far {w['stored_total']:,} of {w['acked_total']:,} "
                   f"(newest {w['newest_age_ms']} ms old), "
-                  f"machine CPU {usage['machine']['cpu_pct']}% -> {'holds' if step['holds'] else 'DOES NOT HOLD'}",
+                  f"machine CPU {usage['machine']['cpu_pct']}% (not ours: {usage['other (not ours)']['cpu_pct']}%) -> "
+                  f"{'holds' if step['holds'] else 'DOES NOT HOLD'}",
                   flush=True)
             b = w["writer_batches"]
             print(f"  writer batches: {b['count']:,}, {b['rows_p50']} rows (p50), commit gap p50/p99/max "
