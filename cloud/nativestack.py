@@ -111,9 +111,8 @@ def _tcp_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
         return False
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
-    pids = []
+def _live_processes():
+    """(pid, ppid, pgrp) of every live (non-zombie) process, read from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -124,12 +123,18 @@ def group_pids(pgid: int) -> list[int]:
             continue
         # "pid (comm) state ppid pgrp ..." - comm may contain spaces/parens
         rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) < 3:
-            continue
-        state, pgrp = rest[0], int(rest[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
+        if len(rest) >= 3 and rest[0] not in ("Z", "X"):
+            yield int(entry), int(rest[1]), int(rest[2])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    return [pid for pid, _ppid, pgrp in _live_processes() if pgrp == pgid]
+
+
+def child_pids(parent: int) -> list[int]:
+    """Live (non-zombie) children of ``parent``."""
+    return [pid for pid, ppid, _pgrp in _live_processes() if ppid == parent]
 
 
 def pid_alive(pid: int) -> bool:
@@ -1120,14 +1125,26 @@ class Postgres(Service):
             pass
 
     def kill_postmaster(self) -> None:
-        """SIGKILL only the postmaster (its backends notice and exit); the group is reaped too."""
+        """SIGKILL only the postmaster, as a crash would; the group is reaped too. Its backends are not in that
+        group (each calls setsid() at start), they notice the postmaster's death and exit by themselves: wait
+        for them (bounded; any left after 10 s are killed), so the server is really gone when this returns."""
         pid = self.postmaster_pid or self.pid
+        children = child_pids(pid) if pid else []
         if pid:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self._kill_group()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(pid_alive(c) for c in children):
+            time.sleep(0.02)
+        for child in children:
+            if pid_alive(child):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def close(self) -> None:
         self.stop()
