@@ -428,12 +428,16 @@ def alarms():
         return listing([ser.alarm(a, names.get(a.device_id)) for a in items], total, limit, offset)
 
 
+def _alarm_out(s, a) -> dict:
+    """One alarm as the API shows it, with its device's name."""
+    return ser.alarm(a, data.device_names(s, _tid(), [a.device_id]).get(a.device_id))
+
+
 @bp.get("/alarms/<alarm_id>")
 @login_required()
 def alarm(alarm_id: str):
     with ctx().session_factory() as s:
-        a = data.get_alarm(s, _tid(), alarm_id)
-        return jsonify(ser.alarm(a, data.device_names(s, _tid(), [a.device_id]).get(a.device_id)))
+        return jsonify(_alarm_out(s, data.get_alarm(s, _tid(), alarm_id)))
 
 
 def _alarm_transition(alarm_id: str, action: str):
@@ -443,7 +447,7 @@ def _alarm_transition(alarm_id: str, action: str):
             a = fn(s, _tid(), alarm_id, g.principal.email)
         except ValueError as exc:  # e.g. clearing an already cleared alarm
             return jsonify(error=str(exc)), 409
-        out = ser.alarm(a, data.device_names(s, _tid(), [a.device_id]).get(a.device_id))
+        out = _alarm_out(s, a)
     publish_alarm_event(out)
     return jsonify(out)
 
