@@ -1162,6 +1162,16 @@ def _fast_telemetry(device_id: str, payload: bytes, max_bytes: int) -> schema.Te
                                                    r.drop)
 
 
+def _metric(value: Any, lo: float, hi: float) -> float | None:
+    """A present t / h / p as a float within [lo, hi], else None. Floats first (what devices send); an int is
+    accepted and stored as a float; anything else (bool, str, ...) is refused."""
+    if value.__class__ is float:
+        return value if lo <= value <= hi else None
+    if value.__class__ is int and lo <= value <= hi:
+        return float(value)
+    return None
+
+
 def _fast_reading(device_id: str, payload: bytes, max_bytes: int) -> _Reading | None:
     """``schema.parse_telemetry`` for a plain, valid reading, without its per-field helper calls: the same checks,
     inlined. Anything unusual (escapes, NaN, a wrong type or range, a missing field, ...) returns None and the
@@ -1178,31 +1188,12 @@ def _fast_reading(device_id: str, payload: bytes, max_bytes: int) -> _Reading | 
     get = data.get
     t, h, p, rssi = get("t"), get("h"), get("p"), get("rssi")
     boot, seq, ts, up, fw, drop = get("boot"), get("seq"), get("ts"), get("up"), get("fw"), get("drop")
-    # floats first (what devices send); an int is accepted and stored as a float; anything else -> None
-    if t is not None:
-        if type(t) is float:
-            if not _T_LO <= t <= _T_HI:
-                return None
-        elif type(t) is int and _T_LO <= t <= _T_HI:
-            t = float(t)
-        else:
-            return None
-    if h is not None:
-        if type(h) is float:
-            if not _H_LO <= h <= _H_HI:
-                return None
-        elif type(h) is int and _H_LO <= h <= _H_HI:
-            h = float(h)
-        else:
-            return None
-    if p is not None:
-        if type(p) is float:
-            if not _P_LO <= p <= _P_HI:
-                return None
-        elif type(p) is int and _P_LO <= p <= _P_HI:
-            p = float(p)
-        else:
-            return None
+    if t is not None and (t := _metric(t, _T_LO, _T_HI)) is None:
+        return None
+    if h is not None and (h := _metric(h, _H_LO, _H_HI)) is None:
+        return None
+    if p is not None and (p := _metric(p, _P_LO, _P_HI)) is None:
+        return None
     if t is None and h is None and p is None:
         return None
     if rssi is not None and (type(rssi) is not int or not _RSSI_LO <= rssi <= _RSSI_HI):
