@@ -55,6 +55,11 @@ class World:
         return self.app.test_client()
 
 
+# a test that only means something on PostgreSQL + Redis (the production profile) runs on that backend alone,
+# instead of being collected for SQLite and skipped there
+postgres_only = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def backend(request, make_backend):
     """SQLite + in-memory cache, or a database of its own on the shared PostgreSQL + the shared Redis

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from cloud.db import repo
-from tests.web.conftest import PASSWORD, login
+from tests.web.conftest import PASSWORD, login, postgres_only
 from tests.web.test_api import insert_alarm
 
 
@@ -252,10 +252,9 @@ def test_session_cookie_is_resigned_only_when_stale_or_changed(world, monkeypatc
     assert c.get("/fleet").status_code == 302
 
 
+@postgres_only
 def test_web_engine_sessions_run_in_utc_whatever_the_server_default(world):
     """The web tier's own engine (cloud.web.web_engine, not cloud.db.make_engine) sets TimeZone=UTC too."""
-    if world.backend.name != "postgres":
-        pytest.skip("PostgreSQL only")
     from cloud.web import web_engine
 
     with world.backend.engine.connect() as conn:

@@ -18,7 +18,7 @@ import pytest
 from cloud.bus.memory import MemoryBus
 from cloud.cache import RedisCache
 from cloud.web.ratelimit import MemoryLoginLimiter, RedisLoginLimiter
-from tests.web.conftest import PASSWORD
+from tests.web.conftest import PASSWORD, postgres_only
 
 
 def _address() -> str:
@@ -40,8 +40,8 @@ class Browser:
 
 @pytest.fixture
 def redis_world(world):
-    if world.backend.name != "postgres":
-        pytest.skip("the shared limiter needs Redis (the postgres backend's)")
+    """The world of the postgres backend, whose cache is the shared Redis (tests using it are postgres_only)."""
+    assert world.backend.name == "postgres", "mark the test postgres_only"
     return world
 
 
@@ -77,6 +77,7 @@ def test_profiles_pick_their_limiter(world):
         assert isinstance(limiter, MemoryLoginLimiter)
 
 
+@postgres_only
 def test_two_workers_share_the_limit(workers, redis_world):
     email = f"nobody-{uuid.uuid4().hex[:8]}@acme.example"
     address = _address()
@@ -96,6 +97,7 @@ def test_two_workers_share_the_limit(workers, redis_world):
     assert r.status_code == 302
 
 
+@postgres_only
 def test_per_address_limit_across_accounts_and_workers(workers, redis_world):
     _short_window(workers, redis_world.cache.url, per_key=100, per_ip=4)
     address = _address()
@@ -106,6 +108,7 @@ def test_per_address_limit_across_accounts_and_workers(workers, redis_world):
     assert two.login(redis_world.a.users["viewer"], PASSWORD).status_code == 429  # refused before the check
 
 
+@postgres_only
 def test_the_limit_expires(workers, redis_world):
     _short_window(workers, redis_world.cache.url)
     email = f"nobody-{uuid.uuid4().hex[:8]}@acme.example"
@@ -124,6 +127,7 @@ def test_the_limit_expires(workers, redis_world):
     assert keys and not any(client.exists(k) for k in keys)
 
 
+@postgres_only
 def test_success_does_not_count(workers, redis_world):
     _short_window(workers, redis_world.cache.url, per_key=3, per_ip=3)
     email = redis_world.a.users["operator"]
@@ -136,6 +140,7 @@ def test_success_does_not_count(workers, redis_world):
     assert one.login(email, PASSWORD).status_code == 429
 
 
+@postgres_only
 def test_success_resets_the_account_and_address_pair(workers, redis_world):
     _short_window(workers, redis_world.cache.url, per_key=3)
     email = redis_world.a.users["viewer"]
@@ -149,6 +154,7 @@ def test_success_resets_the_account_and_address_pair(workers, redis_world):
     assert one.login(email, "typo").status_code == 429
 
 
+@postgres_only
 def test_parallel_attempts_cannot_pass_the_cap(redis_world):
     """The slot is taken before the password is checked, atomically: a burst gets exactly the cap."""
     from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +192,7 @@ def test_redis_down_falls_back_to_the_process_limiter(caplog):
         limiter.close()
 
 
+@postgres_only
 def test_counts_from_before_an_outage_still_hold(redis_world):
     limiter = RedisLoginLimiter(redis_world.cache.url, prefix=f"iot:test-login:{uuid.uuid4().hex[:8]}:")
     try:
