@@ -336,6 +336,7 @@ class Writer:
         self._next_maintenance = 0.0
         self.rollup_every_s = ROLLUP_EVERY_S
         self._lock = threading.Lock()
+        self._to_cache: queue.SimpleQueue | None = None  # run(): stored batches' outcomes for the cache thread
         self.producer = None
         self.consumer = None
 
@@ -366,7 +367,14 @@ class Writer:
         failure: list[BaseException] = []
         storer = threading.Thread(target=self._store_stage, args=(handoff, stored, stop, failure, store_idle),
                                   name="writer-store", daemon=True)
+        # a third thread keeps the cache: latest values and live events of stored batches go to Redis beside the
+        # next batch's insert, not between two (the cache call was ~45 % of the store thread's busy time at
+        # 6,500 msg/s, and the store thread's cycle is the writer's latency); batches that queued meanwhile go in
+        # the same calls
+        self._to_cache = queue.SimpleQueue()
+        cacher = threading.Thread(target=self._cache_stage, args=(self._to_cache,), name="writer-cache", daemon=True)
         storer.start()
+        cacher.start()
         try:
             while not stop.is_set() and storer.is_alive():
                 self._commit_stored(stored)
@@ -388,6 +396,9 @@ class Writer:
                 except queue.Full:
                     continue
             storer.join()
+            self._to_cache.put(None)  # what was stored is cached before the end
+            cacher.join(10)
+            self._to_cache = None
             self._commit_stored(stored, wait=True)
             if rollups is not None:
                 rollups.join(30)
@@ -523,7 +534,10 @@ class Writer:
         BATCHES.inc()
         BATCH_SECONDS.observe(time.monotonic() - started)
         self._last_batch = now
-        self._publish(outcome)
+        if self._to_cache is not None:
+            self._to_cache.put(outcome)
+        else:  # called directly (tests, tools): cached before returning
+            self._publish([outcome])
         return True
 
     # --- parsing --------------------------------------------------------------------------------------------
@@ -1022,17 +1036,41 @@ class Writer:
                                           headers={"source": "writer"}, on_delivery=delivered)
         return True
 
-    def _publish(self, outcome: Outcome) -> None:
-        """Latest values into the cache and live events per tenant. Best effort: the cache swallows errors."""
+    def _cache_stage(self, outcomes: queue.SimpleQueue) -> None:
+        """The cache thread: each stored batch's outcome, with any that queued behind it, into the cache, until
+        None comes."""
+        while True:
+            first = outcomes.get()
+            if first is None:
+                return
+            batch = [first]
+            end = False
+            while True:
+                try:
+                    more = outcomes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    end = True
+                    break
+                batch.append(more)
+            self._publish(batch)
+            if end:
+                return
+
+    def _publish(self, outcomes: list[Outcome]) -> None:
+        """Latest values into the cache and live events per tenant, for stored batches in the order stored. Best
+        effort: the cache swallows errors."""
         try:
             updates: list[tuple[int, str, dict]] = []
             events: list[tuple[int, dict]] = []
             newest: dict[str, tuple] = {}
             get = newest.get
-            for row in outcome.inserted:  # usually one per device already
-                prev = get(row[0])
-                if prev is None or row[2] >= prev[2]:
-                    newest[row[0]] = row
+            for outcome in outcomes:
+                for row in outcome.inserted:  # usually one per device already
+                    prev = get(row[0])
+                    if prev is None or row[2] >= prev[2]:
+                        newest[row[0]] = row
             cached = self._cached_ts
             cached_get = cached.get
             now_ms = int(time.time() * 1000)
@@ -1047,23 +1085,25 @@ class Writer:
                 event["device"] = device_id
                 updates.append((tenant_id, device_id, fields))
                 events.append((tenant_id, event))
-            for item, status in outcome.statuses:
-                seen = item.record.timestamp_ms or int(time.time() * 1000)
-                fields = {"status": status.state, "last_seen": seen}
-                if status.fw:
-                    fields["fw"] = status.fw
-                updates.append((item.tenant_id, item.device_id, fields))
-                events.append((item.tenant_id, {"type": "status", "device": item.device_id, "state": status.state,
-                                                "ts": seen, "fw": status.fw, "boot": status.boot}))
-            for row in outcome.commands:
-                events.append((row.tenant_id, {"type": "command", "device": row.device_id, "cid": row.cid,
-                                               "op": row.op, "status": row.status, "ok": row.ok,
-                                               "error": row.error, "result": row.result}))
-            for tenant_id, event in outcome.alarms:
-                events.append((tenant_id, {"type": "alarm", "alarm_id": event.alarm_id, "device": event.device,
-                                           "rule": event.rule, "metric": event.metric, "value": event.value,
-                                           "threshold": event.threshold, "severity": event.severity,
-                                           "state": event.state, "ts": event.ts}))
+            for outcome in outcomes:
+                for item, status in outcome.statuses:
+                    seen = item.record.timestamp_ms or int(time.time() * 1000)
+                    fields = {"status": status.state, "last_seen": seen}
+                    if status.fw:
+                        fields["fw"] = status.fw
+                    updates.append((item.tenant_id, item.device_id, fields))
+                    events.append((item.tenant_id, {"type": "status", "device": item.device_id,
+                                                    "state": status.state, "ts": seen, "fw": status.fw,
+                                                    "boot": status.boot}))
+                for row in outcome.commands:
+                    events.append((row.tenant_id, {"type": "command", "device": row.device_id, "cid": row.cid,
+                                                   "op": row.op, "status": row.status, "ok": row.ok,
+                                                   "error": row.error, "result": row.result}))
+                for tenant_id, event in outcome.alarms:
+                    events.append((tenant_id, {"type": "alarm", "alarm_id": event.alarm_id, "device": event.device,
+                                               "rule": event.rule, "metric": event.metric, "value": event.value,
+                                               "threshold": event.threshold, "severity": event.severity,
+                                               "state": event.state, "ts": event.ts}))
             if len(self._cached_ts) > 1_000_000:
                 self._cached_ts.clear()
             _call(self.cache, "update_many", updates)

@@ -63,3 +63,25 @@ def test_memory_cache_get_many_with_fields():
     cache.update_many([(3, "m-1", {"t": 20.5, "h": 41.0}), (3, "m-2", {"seq": 4})])
     assert cache.get_many(["m-1", "m-2", "m-3"], ("t", "last_seen")) == {"m-1": {"t": 20.5}}
     assert cache.get_many(["m-1"])["m-1"]["h"] == 41.0
+
+
+def test_numeric_updates_go_compact_and_read_back_exactly(redis):
+    """Readings (numbers, booleans and nulls only) travel as one joined argument per device, anything else field
+    by field, in the same call; both store each value's JSON text exactly as a per-field encoding would."""
+    import orjson
+
+    cache = RedisCache(redis.url)
+    raw = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    reading = {"t": 0.1 + 0.2, "h": 41.0, "p": None, "rssi": -60, "ts": 1_796_400_000_123, "seq": 2**40, "ok": True}
+    cache.update_many([(5, "compact-1", reading),
+                       (5, "compact-2", {"status": "online, really", "last_seen": 12}),  # a string: field by field
+                       (6, "compact-3", {"t": 1e-7, "h": -0.0, "list": [1, 2]}),  # a list: field by field
+                       (5, "compact-4", {"t": 22.25, "h": 40.0}),  # another name list
+                       (5, "compact-5", reading)])
+    for device in ("compact-1", "compact-5"):
+        assert raw.hgetall(LATEST_PREFIX + device) == {
+            **{k: orjson.dumps(v).decode() for k, v in reading.items()}, "tenant": "5"}
+    assert cache.get("compact-1") == {**reading, "tenant": 5}
+    assert cache.get("compact-2") == {"status": "online, really", "last_seen": 12, "tenant": 5}
+    assert cache.get("compact-3") == {"t": 1e-7, "h": -0.0, "list": [1, 2], "tenant": 6}
+    assert cache.get("compact-4") == {"t": 22.25, "h": 40.0, "tenant": 5}
