@@ -63,16 +63,22 @@ class TimedWriter(Writer):
 
     profile_path: str | None = None
 
-    main_ident: int | None = None  # the thread that runs run(): it collects and parses
+    thread_idents: list[int] = []  # the writer's threads: run() (collects and parses), the store and the cache stage
 
     def run(self, stop):
-        self.main_ident = threading.get_ident()
+        self.thread_idents = [threading.get_ident()]
         with self._profiled(""):
             return super().run(stop)
 
     def _store_stage(self, *args, **kwargs):  # the writer's second thread: stores batches
+        self.thread_idents.append(threading.get_ident())
         with self._profiled(".store"):
             return super()._store_stage(*args, **kwargs)
+
+    def _cache_stage(self, *args, **kwargs):  # the third: latest values and live events into the cache
+        self.thread_idents.append(threading.get_ident())
+        with self._profiled(".cache"):
+            return super()._cache_stage(*args, **kwargs)
 
     @contextlib.contextmanager
     def _profiled(self, suffix: str):
@@ -90,15 +96,18 @@ class TimedWriter(Writer):
             profiler.dump_stats(self.profile_path + suffix)
             log.info("writer profile written to %s", self.profile_path + suffix)
 
-    cpu_first: float | None = None  # the writer's CPU time (both of its threads) before its first batch
+    cpu_first: float | None = None  # the writer's CPU time (all of its threads) before its first batch
     cpu_last: float = 0.0  # ... and after its latest one
 
     def _cpu(self) -> float:
-        """CPU seconds of the writer's threads: this one (process() runs in the store thread) and run()'s."""
-        own = time.thread_time()
-        if self.main_ident is None or self.main_ident == threading.get_ident():
-            return own
-        return own + time.clock_gettime(time.pthread_getcpuclockid(self.main_ident))
+        """CPU seconds of the writer's threads (all of them: process() runs in the store thread)."""
+        total = 0.0
+        for ident in self.thread_idents:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(ident))
+            except (OSError, ValueError):  # a thread that has ended
+                pass
+        return total
 
     def process(self, records, stop=None, **kwargs):
         if self.first_batch is None:
@@ -457,7 +466,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=5000, help="steady produce rate for the latency figure")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer into FILE (its batch loop) and FILE.store (its store thread), pstats format")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer into FILE (its batch loop), FILE.store and FILE.cache (its store and cache threads), pstats format")
     parser.add_argument("--keep", metavar="DIR",
                         help="PostgreSQL's data directory lives in DIR and is kept; a later run with the same sizes "
                              "and schema revision reuses its dataset instead of building it again")
