@@ -162,9 +162,10 @@ def build_service(command: str, settings: settings_mod.Settings):
     if command == "writer":
         from cloud.cache import cache_from_settings
         from cloud.db import make_engine
-        from cloud.writer import Writer
+        from cloud.writer import ENGINE_OPTIONS, Writer
 
-        return Writer(settings, bus, make_engine(settings.database_url), cache_from_settings(settings))
+        return Writer(settings, bus, make_engine(settings.database_url, **ENGINE_OPTIONS),
+                      cache_from_settings(settings))
     if command == "alarms":
         from cloud.alarms import AlarmService
         from cloud.db import make_engine

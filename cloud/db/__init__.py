@@ -46,11 +46,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: bool = False,
-                connect_timeout: int = 5) -> Engine:
+                connect_timeout: int = 5, pre_ping: bool = True) -> Engine:
     """An engine for ``url``. SQLite: the file's directory is created; each connection gets WAL mode, a 10 s
     busy timeout and foreign keys. PostgreSQL: psycopg 3, a pre-pinged pool (connections broken by a database
-    restart are replaced transparently), a connect timeout so an outage fails fast instead of hanging, and every
-    session in UTC."""
+    restart are replaced transparently; ``pre_ping=False`` for a caller that replaces them itself, see
+    cloud.writer), a connect timeout so an outage fails fast instead of hanging, and every session in UTC."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = url.split("///", 1)[1] if "///" in url else ""
@@ -59,7 +59,7 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
         engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, echo=echo, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
+    return create_engine(url, echo=echo, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=pre_ping,
                          pool_recycle=1800,
                          # sessions in UTC whatever the server's default: roll-up buckets (date_trunc on
                          # timestamptz) are UTC minutes and hours, and psycopg reads timestamps fastest in "UTC"
