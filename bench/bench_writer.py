@@ -47,7 +47,7 @@ from cloud.bus.kafka import KafkaBus  # noqa: E402
 from cloud.cache import MemoryCache  # noqa: E402
 from cloud.db import maintenance, repo  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
-from cloud.writer import LATE_ROLLUPS, Writer  # noqa: E402
+from cloud.writer import ENGINE_OPTIONS, LATE_ROLLUPS, Writer  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -120,6 +120,98 @@ class TimedWriter(Writer):
             self.lags.extend(now - r.timestamp_ms / 1000 for r in records if r.timestamp_ms)
             self.stored += len(records)
         return ok
+
+
+class LocalWriter:
+    """The writer on a thread of this process (what --profile needs)."""
+
+    def __init__(self, settings, bus, engine, profile: str | None):
+        self.writer = TimedWriter(settings, bus, engine, MemoryCache(), retention=False)
+        self.writer.profile_path = profile
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.writer.run, args=(self._stop,), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def status(self) -> list[tuple[int, float | None, float, float]]:
+        """Per writer: (records stored, monotonic time of its first batch, CPU seconds since its first batch,
+        late readings it rolled up itself)."""
+        w = self.writer
+        return [(w.stored, w.first_batch, w.cpu_last - (w.cpu_first or 0.0), LATE_ROLLUPS._value.get())]
+
+    def clear_lags(self) -> None:
+        self.writer.lags.clear()
+
+    def stop(self) -> list[float]:
+        lags = list(self.writer.lags)
+        self._stop.set()
+        self._thread.join(30)
+        return lags
+
+
+def _writer_process(env: dict, url: str, conn) -> None:
+    """A writer process of ProcessWriters: runs a TimedWriter and answers the parent's requests on ``conn``."""
+    logging.basicConfig(level=logging.WARNING)
+    settings = settings_mod.load(env)
+    engine = db.make_engine(url, **ENGINE_OPTIONS)  # as `python -m cloud writer` makes it
+    writer = TimedWriter(settings, KafkaBus(settings.kafka_bootstrap), engine, MemoryCache(), retention=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
+    thread.start()
+    while True:
+        request = conn.recv()
+        if request == "status":
+            conn.send((writer.stored, writer.first_batch, writer.cpu_last - (writer.cpu_first or 0.0),
+                       LATE_ROLLUPS._value.get()))
+        elif request == "clear":
+            writer.lags.clear()
+            conn.send(True)
+        else:  # "stop"
+            stop.set()
+            thread.join(30)
+            from cloud.writer import DUPLICATES
+            print(f"writer process {os.getpid()}: stored {writer.stored}, duplicates skipped "
+                  f"{DUPLICATES._value.get():.0f}", file=sys.stderr)
+            conn.send(list(writer.lags))
+            return
+
+
+class ProcessWriters:
+    """N writer processes in one consumer group, as N ``python -m cloud writer`` would run (the partitions are
+    split between them; each has its own interpreter, so the second core runs Python too)."""
+
+    def __init__(self, n: int, env: dict, url: str):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of this process's Kafka and database clients
+        self._conns = []
+        self._procs = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            self._conns.append(parent)
+            self._procs.append(ctx.Process(target=_writer_process, args=(env, url, child), daemon=True))
+
+    def start(self) -> None:
+        for proc in self._procs:
+            proc.start()
+
+    def _ask(self, request: str) -> list:
+        for conn in self._conns:
+            conn.send(request)
+        return [conn.recv() for conn in self._conns]
+
+    def status(self) -> list[tuple[int, float | None, float, float]]:
+        return self._ask("status")
+
+    def clear_lags(self) -> None:
+        self._ask("clear")
+
+    def stop(self) -> list[float]:
+        lags = [lag for part in self._ask("stop") for lag in part]
+        for proc in self._procs:
+            proc.join(10)
+        return lags
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -204,14 +296,15 @@ def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
 
 
 def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog: int, rate: int,
-                 seconds: float, profile: str | None = None, boot: int = 1, pg_pid: int | None = None) -> dict:
+                 seconds: float, profile: str | None = None, boot: int = 1, pg_pid: int | None = None,
+                 writers: int = 1, url: str = "") -> dict:
     suffix = uuid.uuid4().hex[:6]
     env = {f"IOT_TOPIC_{n.upper()}": f"bench-{n}-{suffix}" for n in
            ("telemetry", "status", "acks", "alarms", "control", "command_status", "deadletter")}
     # the writer's batching comes from IOT_WRITER_BATCH_SIZE / IOT_WRITER_BATCH_MS as deployed (defaults otherwise)
-    settings = settings_mod.load({**env, "IOT_KAFKA_BOOTSTRAP": bootstrap,
-                                  **{k: os.environ[k] for k in ("IOT_WRITER_BATCH_SIZE", "IOT_WRITER_BATCH_MS")
-                                     if os.environ.get(k)}})
+    env = {**env, "IOT_KAFKA_BOOTSTRAP": bootstrap,
+           **{k: os.environ[k] for k in ("IOT_WRITER_BATCH_SIZE", "IOT_WRITER_BATCH_MS") if os.environ.get(k)}}
+    settings = settings_mod.load(env)
     log.info("writer batches: %d records / %d ms", settings.writer_batch_size, settings.writer_batch_ms)
     bus = KafkaBus(bootstrap)
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -253,23 +346,30 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
         log.info("waiting %.0f s for the roll-up watermark of an earlier run to be behind the backlog", wait_s)
         time.sleep(wait_s)
         now = int(time.time() * 1000)
-    late_before = LATE_ROLLUPS._value.get()
+    late_before = LATE_ROLLUPS._value.get() if writers == 1 else 0.0
     log.info("producing a backlog of %d readings", backlog)
     produce(backlog)
-    writer = TimedWriter(settings, bus, engine, MemoryCache(), retention=False)
-    writer.profile_path = profile
-    stop = threading.Event()
-    thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
+    group = (LocalWriter(settings, bus, db.make_engine(url, **ENGINE_OPTIONS), profile) if writers == 1
+             else ProcessWriters(writers, env, url))
     started = time.monotonic()
     pg_cpu_before = process_tree_cpu(pg_pid)
     pg_kinds_before = process_tree_cpu_by_kind(pg_pid)
-    thread.start()
-    while writer.stored < backlog:
+    group.start()
+
+    def stored() -> int:
+        return sum(n for n, *_ in group.status())
+
+    def late() -> float:
+        return sum(status[3] for status in group.status())
+
+    while stored() < backlog:
         time.sleep(0.05)
         if time.monotonic() - started > 600:
             raise RuntimeError("backlog not drained in 10 minutes")
-    drain_s = time.monotonic() - (writer.first_batch or started)
-    writer_cpu_s = writer.cpu_last - (writer.cpu_first or 0.0)
+    status = group.status()
+    first = min((f for _, f, _, _ in status if f is not None), default=started)
+    drain_s = time.monotonic() - first
+    writer_cpu_s = sum(cpu for _, _, cpu, _ in status)
     # the roll-ups of the backlog are part of the work: what the writer's own roll-up job has not counted yet
     # is counted now, and the throughput figure includes that time
     t0 = time.monotonic()
@@ -280,22 +380,20 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     rollup_s = time.monotonic() - t0
     pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
     pg_kinds = cpu_by_kind(pg_kinds_before, process_tree_cpu_by_kind(pg_pid))
-    late_rows = LATE_ROLLUPS._value.get() - late_before
+    late_rows = late() - late_before
     drain_load = os.getloadavg()[0]
     log.info("drained %d in %.1f s; roll-up job for the remaining %d readings %.1f s", backlog, drain_s, rolled,
              rollup_s)
-    writer.lags.clear()
+    group.clear_lags()
     steady = int(rate * seconds)
-    before = writer.stored
+    before = stored()
     produce(steady, paced=rate)
     deadline = time.monotonic() + 60
-    while writer.stored < before + steady and time.monotonic() < deadline:
+    while stored() < before + steady and time.monotonic() < deadline:
         time.sleep(0.05)
-    lags = list(writer.lags)
-    steady_late = LATE_ROLLUPS._value.get() - late_before - late_rows
-    stop.set()
-    thread.join(30)
-    return {"backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),
+    steady_late = late() - late_before - late_rows
+    lags = group.stop()
+    return {"writers": writers, "backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),
             "ingest_rows_only_per_s": backlog / drain_s, "rollup_catchup_s": rollup_s,
             # CPU per stored row, independent of what else the shared machine is running: the writer thread
             # (parse, batching, driver) and PostgreSQL (all its processes, the roll-up job included)
@@ -472,6 +570,9 @@ def main() -> int:
                              "and schema revision reuses its dataset instead of building it again")
     parser.add_argument("--shared-buffers", default=PG_SETTINGS["shared_buffers"],
                         help="PostgreSQL shared_buffers for this run (default %(default)s)")
+    parser.add_argument("--writers", type=int, default=1,
+                        help="writer processes in the consumer group (default 1: the writer on a thread of this "
+                             "process; more: that many processes, as `python -m cloud writer` scales)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the queries")
     parser.add_argument("--skip-queries", action="store_true", help="only the ingest")
     parser.add_argument("--pg-statements", action="store_true",
@@ -487,6 +588,8 @@ def main() -> int:
                             ("samples", 20)):
             if "--" + name.replace("_", "-") not in given:
                 setattr(args, name, value)
+    if args.profile and args.writers != 1:
+        parser.error("--profile profiles the in-process writer: use it with --writers 1")
     PG_SETTINGS["shared_buffers"] = args.shared_buffers
     if args.pg_statements:
         PG_SETTINGS.update({"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all",
@@ -548,7 +651,10 @@ def main() -> int:
         if not args.skip_ingest:
             if not bootstrap:
                 log.info("starting Kafka")
-                kafka = nativestack.Kafka(workdir / "kafka").start()
+                # several writers: the group's first assignment waits for all of them (else the first one to join
+                # takes every partition and the others' arrival moves them mid-drain)
+                kafka = nativestack.Kafka(workdir / "kafka", properties={"group.initial.rebalance.delay.ms":
+                                                                          3000 if args.writers > 1 else 0}).start()
                 services.append(kafka)
                 bootstrap = kafka.bootstrap
             boot = int(time.time()) % 2**31  # a boot of its own: never collides with the dataset or earlier runs
@@ -562,7 +668,7 @@ def main() -> int:
                     admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
                     admin.execute("SELECT pg_stat_statements_reset()")
             ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds,
-                                  profile=args.profile, boot=boot, pg_pid=pg_pid)
+                                  profile=args.profile, boot=boot, pg_pid=pg_pid, writers=args.writers, url=url)
             if args.pg_statements:
                 print_statements(engine, args.backlog + int(args.rate * args.seconds))
         engine.dispose()
@@ -606,7 +712,8 @@ def main() -> int:
     print("-" * 78)
     rows = [
         ("ingest, Kafka backlog -> PostgreSQL", fmt(result.get("ingest_rows_per_s"), "{:,.0f} rows/s"),
-         f"{args.backlog:,} rows, one writer, roll-ups included"),
+         f"{args.backlog:,} rows, {'one writer' if args.writers == 1 else f'{args.writers} writer processes'}, "
+         "roll-ups included"),
         ("writer CPU per row", fmt(result.get("writer_cpu_us_per_row"), "{:.1f} us"),
          fmt(result.get("ingest_rows_per_s") and 1e6 / result["writer_cpu_us_per_row"],
              "= {:,.0f} rows/s per writer core")),
