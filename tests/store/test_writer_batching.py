@@ -85,3 +85,54 @@ def test_nothing_to_collect_returns_none(collecting):
     idle = threading.Event()
     idle.set()
     assert writer._collect(threading.Event(), idle) is None
+
+
+class _RecordingCache(MemoryCache):
+    """The demo's cache, recording each call the writer makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list]] = []
+
+    def update_many(self, items):
+        self.calls.append(("update_many", list(items)))
+        super().update_many(items)
+
+    def publish_many(self, events):
+        self.calls.append(("publish_many", list(events)))
+        super().publish_many(events)
+
+
+def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite_url, engine_at):
+    """Outcomes that queued behind the cache thread go in one update and one publish call: per device the newest
+    reading of all of them, an older one (a replay stored later) never replaces it, and the stage ends at None
+    after caching what came before it."""
+    import queue
+
+    from cloud.writer import Outcome
+
+    cache = _RecordingCache()
+    writer = Writer(make_settings(), MemoryBus(), engine_at(sqlite_url), cache)
+
+    def stored(*rows):  # (device, ts ms, seq) -> a stored batch's outcome
+        return Outcome(inserted=[(d, 7, ts, 20.0 + seq, 40.0, 1000.0, -60, seq, 1, seq) for d, ts, seq in rows])
+
+    outcomes: queue.SimpleQueue = queue.SimpleQueue()
+    outcomes.put(stored(("d1", 1_000, 1), ("d2", 1_000, 1)))
+    outcomes.put(stored(("d1", 3_000, 3)))
+    outcomes.put(stored(("d1", 2_000, 2), ("d3", 5_000, 9)))  # d1's seq 2 arrives after seq 3
+    outcomes.put(None)
+    stage = threading.Thread(target=writer._cache_stage, args=(outcomes,), daemon=True)
+    stage.start()
+    stage.join(10)
+    assert not stage.is_alive(), "the cache stage must end at None"
+    assert [name for name, _ in cache.calls] == ["update_many", "publish_many"]
+    updates = {device: fields["seq"] for _, device, fields in cache.calls[0][1]}
+    assert updates == {"d1": 3, "d2": 1, "d3": 9}
+    assert cache.get("d1")["seq"] == 3 and cache.get("d1")["tenant"] == 7
+    assert sorted(e["device"] for _, e in cache.calls[1][1]) == ["d1", "d2", "d3"]
+
+    outcomes.put(stored(("d1", 2_500, 2)))  # later, on its own: still older than what is cached
+    outcomes.put(None)
+    writer._cache_stage(outcomes)
+    assert cache.get("d1")["seq"] == 3
