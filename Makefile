@@ -79,8 +79,10 @@ chaos: deps kafka venv firmware-deps
 bench-bridge: deps kafka venv
 	$(PY) bench/bench_bridge.py
 
+# two writer processes in one consumer group (one process is one core of Python at most); --writers 1: one, in-process
+BENCH_WRITER_ARGS ?= --writers 2 --backlog 400000
 bench-writer: deps kafka venv
-	$(PY) bench/bench_writer.py
+	$(PY) bench/bench_writer.py $(BENCH_WRITER_ARGS)
 
 bench-alarms: deps kafka venv
 	$(PY) bench/bench_alarms.py
