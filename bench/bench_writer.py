@@ -47,6 +47,7 @@ from cloud.bus.kafka import KafkaBus  # noqa: E402
 from cloud.cache import MemoryCache  # noqa: E402
 from cloud.db import maintenance, repo  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
+from cloud.service import freeze_startup_heap  # noqa: E402
 from cloud.writer import ENGINE_OPTIONS, LATE_ROLLUPS, Writer  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -132,6 +133,7 @@ class LocalWriter:
         self._thread = threading.Thread(target=self.writer.run, args=(self._stop,), daemon=True)
 
     def start(self) -> None:
+        freeze_startup_heap()  # as cloud.service.serve does before a service runs
         self._thread.start()
 
     def status(self) -> list[tuple[int, float | None, float, float]]:
@@ -156,6 +158,7 @@ def _writer_process(env: dict, url: str, conn) -> None:
     settings = settings_mod.load(env)
     engine = db.make_engine(url, **ENGINE_OPTIONS)  # as `python -m cloud writer` makes it
     writer = TimedWriter(settings, KafkaBus(settings.kafka_bootstrap), engine, MemoryCache(), retention=False)
+    freeze_startup_heap()  # as cloud.service.serve does before a service runs
     stop = threading.Event()
     thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
     thread.start()

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from cloud.alarms.catalog import Catalog, CatalogReloader, DbLoader
 from cloud.alarms.engine import AlarmEngine
 from cloud.alarms.io import KafkaIO, MemoryIO, StreamIO
+from cloud.service import raise_gc_threshold
 from cloud.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,24 +21,6 @@ DEFAULT_GROUP = "alarms"
 DEFAULT_CHANGELOG = "alarms-state"
 
 
-GC_GEN0_THRESHOLD = 20_000
-
-
-def _tune_gc() -> None:
-    """Fewer young-generation collections, so a batch of records is usually gone before one runs.
-
-    With the default threshold (700 allocations) a collection runs in the middle of nearly every batch of 1,000
-    records, the records alive at that moment move up a generation, and the oldest generation's growth then
-    triggers a full collection every few seconds. A full collection walks every device state (10,000 devices =
-    ~200,000 objects): 50-100 ms on an idle core, several hundred ms on a loaded one, and every reading that
-    arrives meanwhile waits, which made those pauses the p99 of the alarm delay. Process-wide, so only ever
-    raised (the demo runs every service in one process: they only see rarer, slightly larger young
-    collections)."""
-    import gc
-
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0 < GC_GEN0_THRESHOLD:
-        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class AlarmService:
@@ -87,7 +70,7 @@ class AlarmService:
         return MemoryIO(self.bus, self.group, self.input_topics)
 
     def run(self, stop: threading.Event) -> None:
-        _tune_gc()
+        raise_gc_threshold()
         self.rules.reload()
         self.rules.start()
         io = self.io = self._open_io()
