@@ -410,7 +410,8 @@ return '[' .. table.concat(out, ',') .. ']'
 # lists (names joined by ","); then per key either a list's number and ONE argument with that many values (their JSON
 # texts joined by ","), or minus the number of fields n and the n field/value pairs. The first form carries a
 # reading's numbers (the usual update) in one argument instead of a name and a value each: redis-py packs every
-# argument in Python, and 23 of them per device were most of the writer's cache cost.
+# argument in Python, and 21 of them per device (a name and a value for each of 10 fields, and the count) were
+# most of the writer's cache cost.
 _SET_MANY_LUA = """
 local ttl = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
