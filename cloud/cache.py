@@ -510,8 +510,8 @@ class RedisCache:
             names = tuple(fields)
             number = lists.get(names)
             values = dumps([*fields.values(), tenant_id], default=str)[1:-1]
-            if number is None and not any("," in name for name in names):
-                number = lists[names] = len(lists) + 1
+            if number is None and all(type(name) is str and name and "," not in name for name in names):
+                number = lists[names] = len(lists) + 1  # (names the script's split gives back one for one)
             if number is None or b'"' in values or b"[" in values or b"{" in values:
                 compact.append(-(len(fields) + 1))
                 for name, value in fields.items():

@@ -77,7 +77,9 @@ def test_numeric_updates_go_compact_and_read_back_exactly(redis):
                        (5, "compact-2", {"status": "online, really", "last_seen": 12}),  # a string: field by field
                        (6, "compact-3", {"t": 1e-7, "h": -0.0, "list": [1, 2]}),  # a list: field by field
                        (5, "compact-4", {"t": 22.25, "h": 40.0}),  # another name list
-                       (5, "compact-5", reading)])
+                       (5, "compact-5", reading),
+                       (5, "compact-6", {"a,b": 1}),  # names the script's split would not give back one for
+                       (5, "compact-7", {"": 2, "z": 3})])  # one: field by field
     for device in ("compact-1", "compact-5"):
         assert raw.hgetall(LATEST_PREFIX + device) == {
             **{k: orjson.dumps(v).decode() for k, v in reading.items()}, "tenant": "5"}
@@ -85,3 +87,5 @@ def test_numeric_updates_go_compact_and_read_back_exactly(redis):
     assert cache.get("compact-2") == {"status": "online, really", "last_seen": 12, "tenant": 5}
     assert cache.get("compact-3") == {"t": 1e-7, "h": -0.0, "list": [1, 2], "tenant": 6}
     assert cache.get("compact-4") == {"t": 22.25, "h": 40.0, "tenant": 5}
+    assert cache.get("compact-6") == {"a,b": 1, "tenant": 5}
+    assert cache.get("compact-7") == {"": 2, "z": 3, "tenant": 5}
