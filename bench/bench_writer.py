@@ -48,7 +48,7 @@ from cloud.cache import MemoryCache  # noqa: E402
 from cloud.db import maintenance, repo  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
 from cloud.service import freeze_startup_heap  # noqa: E402
-from cloud.writer import ENGINE_OPTIONS, LATE_ROLLUPS, Writer  # noqa: E402
+from cloud.writer import DUPLICATES, ENGINE_OPTIONS, LATE_ROLLUPS, Writer  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -61,13 +61,12 @@ class TimedWriter(Writer):
         self.lags: list[float] = []
         self.stored = 0
         self.first_batch: float | None = None  # the consumer group join is not part of the throughput
+        self.thread_idents: list[int] = []  # the writer's threads: run() (collects and parses), store, cache
 
     profile_path: str | None = None
 
-    thread_idents: list[int] = []  # the writer's threads: run() (collects and parses), the store and the cache stage
-
     def run(self, stop):
-        self.thread_idents = [threading.get_ident()]
+        self.thread_idents.append(threading.get_ident())
         with self._profiled(""):
             return super().run(stop)
 
@@ -173,7 +172,6 @@ def _writer_process(env: dict, url: str, conn) -> None:
         else:  # "stop"
             stop.set()
             thread.join(30)
-            from cloud.writer import DUPLICATES
             print(f"writer process {os.getpid()}: stored {writer.stored}, duplicates skipped "
                   f"{DUPLICATES._value.get():.0f}", file=sys.stderr)
             conn.send(list(writer.lags))
