@@ -1,12 +1,14 @@
-"""Writer and query benchmark on real Kafka + PostgreSQL (started with cloud.nativestack unless given).
+"""Writer and query benchmark on real Kafka, PostgreSQL and Redis (started with cloud.nativestack unless given).
 
     python bench/bench_writer.py                 # full size: 1,000 tenants, 10,000 devices, 10 M rows
     python bench/bench_writer.py --quick         # a smaller run to check the bench itself
     python bench/bench_writer.py --keep DIR      # keep PostgreSQL (and its 10 M-row dataset) in DIR and reuse it
+    python bench/bench_writer.py --writers 2     # two writer processes in one consumer group (make bench-writer)
 
 Measures
-  1. ingest: rows/s from Kafka into PostgreSQL (a backlog drained by one writer), then p50/p99 latency
-     "Kafka record timestamp -> database commit" at a steady produce rate;
+  1. ingest: rows/s from Kafka into PostgreSQL (a backlog drained by the writers, which keep the latest values in
+     Redis as deployed), then p50/p99 latency "Kafka record timestamp -> database commit" at a steady produce
+     rate;
   2. queries with >= 10 M telemetry rows (generated inside PostgreSQL, bypassing the writer, interleaved in time
      order across devices as the writer would store them) and their roll-ups: "latest 500 readings of one
      device" and "24 h of one-minute roll-ups of one device", through the functions the web tier calls
@@ -17,7 +19,8 @@ revision reuses it (the queries run first, on the dataset as built; the ingest t
 number of its own, so it never collides with the dataset's keys).
 
 Prints a table and, as the LAST line, one JSON object with the figures and os.cpu_count().
-Use IOT_DATABASE_URL / IOT_KAFKA_BOOTSTRAP to run against existing services instead.
+Use IOT_DATABASE_URL / IOT_KAFKA_BOOTSTRAP / IOT_REDIS_URL to run against existing services instead
+(IOT_REDIS_URL= empty: the in-process cache, as the measurements before the Redis one were taken).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud import db, schema  # noqa: E402
 from cloud import settings as settings_mod  # noqa: E402
 from cloud.bus.kafka import KafkaBus  # noqa: E402
-from cloud.cache import MemoryCache  # noqa: E402
+from cloud.cache import cache_from_settings  # noqa: E402
 from cloud.db import maintenance, repo  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
 from cloud.service import freeze_startup_heap  # noqa: E402
@@ -123,13 +126,14 @@ class TimedWriter(Writer):
 
 
 class LocalWriter:
-    """The writer on a thread of this process (what --profile needs)."""
+    """The writer on a thread of this process (what --profile needs, and what each of ProcessWriters runs)."""
 
-    def __init__(self, settings, bus, engine, profile: str | None):
-        self.writer = TimedWriter(settings, bus, engine, MemoryCache(), retention=False)
+    def __init__(self, settings, bus, engine, cache, profile: str | None = None):
+        self.writer = TimedWriter(settings, bus, engine, cache, retention=False)
         self.writer.profile_path = profile
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.writer.run, args=(self._stop,), daemon=True)
+        self._late_before = LATE_ROLLUPS._value.get()  # process-wide: an earlier writer in this process counted too
 
     def start(self) -> None:
         freeze_startup_heap()  # as cloud.service.serve does before a service runs
@@ -139,7 +143,8 @@ class LocalWriter:
         """Per writer: (records stored, monotonic time of its first batch, CPU seconds since its first batch,
         late readings it rolled up itself)."""
         w = self.writer
-        return [(w.stored, w.first_batch, w.cpu_last - (w.cpu_first or 0.0), LATE_ROLLUPS._value.get())]
+        return [(w.stored, w.first_batch, w.cpu_last - (w.cpu_first or 0.0),
+                 LATE_ROLLUPS._value.get() - self._late_before)]
 
     def clear_lags(self) -> None:
         self.writer.lags.clear()
@@ -152,29 +157,24 @@ class LocalWriter:
 
 
 def _writer_process(env: dict, url: str, conn) -> None:
-    """A writer process of ProcessWriters: runs a TimedWriter and answers the parent's requests on ``conn``."""
+    """A writer process of ProcessWriters: a LocalWriter that answers the parent's requests on ``conn``."""
     logging.basicConfig(level=logging.WARNING)
     settings = settings_mod.load(env)
-    engine = db.make_engine(url, **ENGINE_OPTIONS)  # as `python -m cloud writer` makes it
-    writer = TimedWriter(settings, KafkaBus(settings.kafka_bootstrap), engine, MemoryCache(), retention=False)
-    freeze_startup_heap()  # as cloud.service.serve does before a service runs
-    stop = threading.Event()
-    thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
-    thread.start()
+    local = LocalWriter(settings, KafkaBus(settings.kafka_bootstrap), db.make_engine(url, **ENGINE_OPTIONS),
+                        cache_from_settings(settings))
+    local.start()
     while True:
         request = conn.recv()
         if request == "status":
-            conn.send((writer.stored, writer.first_batch, writer.cpu_last - (writer.cpu_first or 0.0),
-                       LATE_ROLLUPS._value.get()))
+            conn.send(local.status()[0])
         elif request == "clear":
-            writer.lags.clear()
+            local.clear_lags()
             conn.send(True)
         else:  # "stop"
-            stop.set()
-            thread.join(30)
-            print(f"writer process {os.getpid()}: stored {writer.stored}, duplicates skipped "
+            lags = local.stop()
+            print(f"writer process {os.getpid()}: stored {local.writer.stored}, duplicates skipped "
                   f"{DUPLICATES._value.get():.0f}", file=sys.stderr)
-            conn.send(list(writer.lags))
+            conn.send(lags)
             return
 
 
@@ -298,12 +298,13 @@ def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
 
 def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog: int, rate: int,
                  seconds: float, profile: str | None = None, boot: int = 1, pg_pid: int | None = None,
-                 writers: int = 1, url: str = "") -> dict:
+                 writers: int = 1, url: str = "", redis_url: str = "") -> dict:
     suffix = uuid.uuid4().hex[:6]
     env = {f"IOT_TOPIC_{n.upper()}": f"bench-{n}-{suffix}" for n in
            ("telemetry", "status", "acks", "alarms", "control", "command_status", "deadletter")}
     # the writer's batching comes from IOT_WRITER_BATCH_SIZE / IOT_WRITER_BATCH_MS as deployed (defaults otherwise)
-    env = {**env, "IOT_KAFKA_BOOTSTRAP": bootstrap,
+    # the latest values go to Redis as deployed (IOT_REDIS_URL; empty: the in-process cache)
+    env = {**env, "IOT_KAFKA_BOOTSTRAP": bootstrap, "IOT_REDIS_URL": redis_url,
            **{k: os.environ[k] for k in ("IOT_WRITER_BATCH_SIZE", "IOT_WRITER_BATCH_MS") if os.environ.get(k)}}
     settings = settings_mod.load(env)
     log.info("writer batches: %d records / %d ms", settings.writer_batch_size, settings.writer_batch_ms)
@@ -347,11 +348,10 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
         log.info("waiting %.0f s for the roll-up watermark of an earlier run to be behind the backlog", wait_s)
         time.sleep(wait_s)
         now = int(time.time() * 1000)
-    late_before = LATE_ROLLUPS._value.get() if writers == 1 else 0.0
     log.info("producing a backlog of %d readings", backlog)
     produce(backlog)
-    group = (LocalWriter(settings, bus, db.make_engine(url, **ENGINE_OPTIONS), profile) if writers == 1
-             else ProcessWriters(writers, env, url))
+    group = (LocalWriter(settings, bus, db.make_engine(url, **ENGINE_OPTIONS), cache_from_settings(settings), profile)
+             if writers == 1 else ProcessWriters(writers, env, url))
     started = time.monotonic()
     pg_cpu_before = process_tree_cpu(pg_pid)
     pg_kinds_before = process_tree_cpu_by_kind(pg_pid)
@@ -381,7 +381,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     rollup_s = time.monotonic() - t0
     pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
     pg_kinds = cpu_by_kind(pg_kinds_before, process_tree_cpu_by_kind(pg_pid))
-    late_rows = late() - late_before
+    late_rows = late()
     drain_load = os.getloadavg()[0]
     log.info("drained %d in %.1f s; roll-up job for the remaining %d readings %.1f s", backlog, drain_s, rolled,
              rollup_s)
@@ -392,7 +392,7 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     deadline = time.monotonic() + 60
     while stored() < before + steady and time.monotonic() < deadline:
         time.sleep(0.05)
-    steady_late = late() - late_before - late_rows
+    steady_late = late() - late_rows
     lags = group.stop()
     return {"writers": writers, "backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),
             "ingest_rows_only_per_s": backlog / drain_s, "rollup_catchup_s": rollup_s,
@@ -603,6 +603,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-writer-"))
     url = os.environ.get("IOT_DATABASE_URL")
     bootstrap = os.environ.get("IOT_KAFKA_BOOTSTRAP")
+    redis_url = os.environ.get("IOT_REDIS_URL")
     ingest: dict = {}
     queries: dict = {}
     pg_pid = None
@@ -658,6 +659,11 @@ def main() -> int:
                                                                           3000 if args.writers > 1 else 0}).start()
                 services.append(kafka)
                 bootstrap = kafka.bootstrap
+            if redis_url is None:
+                log.info("starting Redis")
+                redis = nativestack.Redis(workdir / "redis").start()
+                services.append(redis)
+                redis_url = redis.url
             boot = int(time.time()) % 2**31  # a boot of its own: never collides with the dataset or earlier runs
             if args.pg_statements:
                 if pg_pid is None:
@@ -669,7 +675,8 @@ def main() -> int:
                     admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
                     admin.execute("SELECT pg_stat_statements_reset()")
             ingest = bench_ingest(bootstrap, engine, devices, args.backlog, args.rate, args.seconds,
-                                  profile=args.profile, boot=boot, pg_pid=pg_pid, writers=args.writers, url=url)
+                                  profile=args.profile, boot=boot, pg_pid=pg_pid, writers=args.writers, url=url,
+                                  redis_url=redis_url)
             if args.pg_statements:
                 print_statements(engine, args.backlog + int(args.rate * args.seconds))
         engine.dispose()

@@ -512,7 +512,7 @@ class RedisCache:
             values = dumps([*fields.values(), tenant_id], default=str)[1:-1]
             if number is None and all(type(name) is str and name and "," not in name for name in names):
                 number = lists[names] = len(lists) + 1  # (names the script's split gives back one for one)
-            if number is None or b'"' in values or b"[" in values or b"{" in values:
+            if number is None or b'"' in values or b"[" in values:  # a string, an object (quoted keys), a list
                 compact.append(-(len(fields) + 1))
                 for name, value in fields.items():
                     compact.append(name)

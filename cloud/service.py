@@ -64,7 +64,7 @@ def raise_gc_threshold(gen0: int = GC_GEN0_THRESHOLD) -> None:
 def freeze_startup_heap() -> None:
     """Move everything alive after start-up (modules, SQLAlchemy's metadata and compiled statements, clients)
     out of the collector's view: it never becomes garbage, and a full collection then walks only what the
-    service allocated since (the web workers do the same, see cloud/web/wsgi.py)."""
+    service allocated since. Called by serve() and by the web workers (cloud/webserver.py, cloud/web/wsgi.py)."""
     import gc
 
     gc.collect()

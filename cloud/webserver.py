@@ -43,9 +43,9 @@ class WebServer:
 
 
 def _freeze_heap(_worker) -> None:
-    import gc
+    from cloud.service import freeze_startup_heap
 
-    gc.freeze()
+    freeze_startup_heap()
 
 
 def run_web(settings: Settings) -> int:

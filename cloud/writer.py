@@ -86,8 +86,8 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 DEVICE_UPDATE_EVERY_MS = 30_000
 OPERATIONAL_RETRIES = 3  # an operational error while the database answers pings: retry, then isolate
 # The writer's engine: no ping before each checkout. A ping is a round trip per batch (~10 % of the store thread's
-# time in bench_writer); the writer drops every pooled connection itself at the first connection error
-# (Writer._drop_connections), which is when a pool holds stale ones (a database restart).
+# time in bench_writer); during an outage the writer drops every pooled connection itself (Writer._drop_connections),
+# so none is stale after a database restart.
 ENGINE_OPTIONS = {"pre_ping": False}
 
 ROWS = Counter("iot_writer_rows_inserted_total", "Telemetry rows inserted")
@@ -629,9 +629,10 @@ class Writer:
 
     # --- storing --------------------------------------------------------------------------------------------
     def _drop_connections(self) -> None:
-        """After a connection error, every pooled connection goes: they were opened to the same server, and the
-        writer's engine is not pre-pinged (see ENGINE_OPTIONS), so a stale one would otherwise fail the next
-        attempt too (and enough failures in a row are taken for a batch the database rejects)."""
+        """During an outage every pooled connection goes (``_outage``): they were opened to the same server, and
+        the writer's engine is not pre-pinged (see ENGINE_OPTIONS). SQLAlchemy already invalidates its pool when
+        it sees a disconnect, but the batch statements run on the raw psycopg cursor, whose errors it does not
+        see; this does not depend on which path noticed."""
         if not self.postgres:  # SQLite: nothing goes stale (and an in-memory database would be lost)
             return
         try:
@@ -670,8 +671,6 @@ class Writer:
                     PAUSED.set(0)
                 return outcome
             except Exception as exc:  # noqa: BLE001 - classified below
-                if _is_outage(exc):
-                    self._drop_connections()
                 if _is_outage(exc) and not self._db_reachable():
                     if stop.is_set():
                         return None
@@ -1289,7 +1288,9 @@ def _call(cache, method: str, items: list) -> None:
 
 
 def main() -> int:
-    """``python -m cloud.writer``: the writer alone, configured from IOT_* variables."""
+    """``python -m cloud.writer``: the writer alone, configured from IOT_* variables. (Not through
+    cloud.__main__.build_service: run as a script this module is ``__main__``, and importing ``cloud.writer`` a
+    second time would register its metrics twice.)"""
     from cloud import settings as settings_mod
     from cloud.bus import from_settings
     from cloud.cache import cache_from_settings
@@ -1300,7 +1301,7 @@ def main() -> int:
     setup_logging(settings.log_level)
     writer = Writer(settings, from_settings(settings), make_engine(settings.database_url, **ENGINE_OPTIONS),
                     cache_from_settings(settings))
-    return serve(writer, ops_port=settings.metrics_port)
+    return serve(writer, host=settings.metrics_host, ops_port=settings.metrics_port)
 
 
 if __name__ == "__main__":

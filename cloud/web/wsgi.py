@@ -5,16 +5,15 @@
 (``python -m cloud web`` does the same from IOT_* settings.) Each open WebSocket holds one worker thread.
 
 Everything the app builds at start-up (modules, routes, SQLAlchemy metadata: ~100,000 objects) is moved out of
-the garbage collector's view (``gc.freeze``): a full collection then scans only what requests allocate, a few
+the garbage collector's view (``cloud.service.freeze_startup_heap``): a full collection then scans only what requests allocate, a few
 thousand objects instead of the whole heap (a full collection of the unfrozen heap took ~80 ms, long enough to
 show in the p99 of every request in flight). With ``--preload`` the frozen objects are also shared by the
 forked workers instead of being copied on the collector's first write.
 """
 
-import gc
-
+from cloud.service import freeze_startup_heap
 from cloud.settings import load
 from cloud.web import create_app
 
 app = create_app(load())
-gc.freeze()
+freeze_startup_heap()

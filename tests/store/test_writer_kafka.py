@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cloud import db
 from cloud import settings as settings_mod
 from cloud.bus.kafka import KafkaBus
 from cloud.cache import MemoryCache
-from cloud import db
 from cloud.writer import DEAD_LETTERS, ENGINE_OPTIONS, Writer
 
 from .helpers import RunningWriter, count, fresh_pg_database, provision, reading, settle_rollups, wait_for
