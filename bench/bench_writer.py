@@ -358,6 +358,9 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     # a previous run moved the mark up to a minute ahead of its own readings, so wait until it is behind ours.
     warm_ts = now // 60_000 * 60_000 - 30_000
     mark = maintenance.rollup_watermark(engine)
+    if mark is not None and mark.timestamp() * 1000 > now + 120_000:
+        raise RuntimeError(f"the roll-up watermark is at {mark}, more than 2 minutes ahead of the clock (a "
+                           "refresh_rollups into the future?): readings stamped now would all be late ones")
     while mark is not None and mark.timestamp() * 1000 > warm_ts:
         log.info("waiting for the roll-up watermark of an earlier run (%s) to be behind the warm-up", mark)
         time.sleep(5)
