@@ -385,7 +385,8 @@ def finish_claimed_rollups(conn) -> int:
     # the partition's statistics lag behind its newest rows, so the planner expects one row and sorts every
     # claimed reading for the grouping: with the default 4 MB that sort spilled to disk (200,000 readings on the
     # bench_writer dataset: 521 ms; in memory 325 ms). (enable_sort = off got a hash aggregate, 256 ms, but
-    # over a range of many partitions a plan that took minutes.)
+    # over a range of many partitions a plan that took minutes; and scanning the one partition by name with it
+    # measured 0.60-0.68 s against 0.51-0.53 s for the sort, 400,000 readings of 10,000 devices, warm cache.)
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     added = int(conn.exec_driver_sql(_ADVANCE_CLAIMED_SQL, {"lo": lo, "hi": hi, "snap": snapshot}).scalar() or 0)
     conn.exec_driver_sql("UPDATE rollup_watermark SET pending_lo = NULL, pending_hi = NULL, pending_snapshot = NULL "
