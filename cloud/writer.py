@@ -733,10 +733,10 @@ class Writer:
                 self._store_telemetry(session, latest, rows, outcome)
             self._store_devices(session, items, outcome)
             self._store_commands(session, items, outcome)
-            for item in items:
-                if item.kind == "alarm":
-                    repo.apply_alarm_event(session, item.tenant_id, item.message)
-                    outcome.alarms.append((item.tenant_id, item.message))
+            alarms = [(item.tenant_id, item.message) for item in items if item.kind == "alarm"]
+            if alarms:
+                repo.apply_alarm_events(session, alarms)
+                outcome.alarms.extend(alarms)
         ROWS.inc(outcome.inserted_count)
         self._remember_devices()
         DUPLICATES.inc(outcome.duplicates)
