@@ -13,6 +13,7 @@ Conventions
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 from psycopg.pq import TransactionStatus
@@ -660,8 +661,6 @@ def apply_alarm_events(session: Session, events: list[tuple[int, schema.AlarmEve
         for tenant_id, event in events:
             apply_alarm_event(session, tenant_id, event)
         return
-    from types import SimpleNamespace
-
     folded: dict[str, dict] = {}
     for tenant_id, event in events:
         at = datetime.fromtimestamp(event.ts / 1000, timezone.utc)
