@@ -79,8 +79,9 @@ chaos: deps kafka venv firmware-deps
 bench-bridge: deps kafka venv
 	$(PY) bench/bench_bridge.py
 
-# two writer processes in one consumer group (one process is one core of Python at most); --writers 1: one, in-process
-BENCH_WRITER_ARGS ?= --writers 2 --backlog 400000
+# two writer processes in one consumer group (one process is one core of Python at most); --writers 1: one, in-process;
+# a backlog of 3,000,000 readings keeps them busy for about 50 s: a sustained rate, not a burst of a few seconds
+BENCH_WRITER_ARGS ?= --writers 2 --backlog 3000000
 bench-writer: deps kafka venv
 	$(PY) bench/bench_writer.py $(BENCH_WRITER_ARGS)
 

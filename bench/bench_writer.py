@@ -248,20 +248,7 @@ def provision_bulk(engine, tenants: int, devices_per_tenant: int) -> list[tuple[
 def process_tree_cpu(pid: int | None) -> float:
     """CPU seconds (user + system) used so far by ``pid`` and its children that are still running (PostgreSQL's
     backends are children of the postmaster). 0.0 if unknown."""
-    if not pid:
-        return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return sum(cpu for _, cpu in process_tree_cpu_by_kind(pid).values())
 
 
 def process_tree_cpu_by_kind(pid: int | None) -> dict[int, tuple[str, float]]:
@@ -350,6 +337,14 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     def stored_by(group) -> int:
         return sum(n for n, *_ in group.status())
 
+    def wait_stored(group, target: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while stored_by(group) < target:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     # warm-up: one reading per device in the previous minute, stored by the writers and rolled up, as in a system
     # that has been running: the pages a sustained ingest keeps in memory (each device's newest index pages of the
     # telemetry and roll-up tables, its device rows, its Redis hash) are then in memory when the backlog is timed.
@@ -370,11 +365,8 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     group = writer_group()
     group.start()
     produce(len(ids), ts=warm_ts)
-    warm_deadline = time.monotonic() + 120
-    while stored_by(group) < len(ids):
-        time.sleep(0.05)
-        if time.monotonic() > warm_deadline:
-            raise RuntimeError("warm-up not stored in 2 minutes")
+    if not wait_stored(group, len(ids), 120):
+        raise RuntimeError("warm-up not stored in 2 minutes")
     group.stop()
     maintenance.advance_rollups(engine, until=datetime.fromtimestamp(now // 60_000 * 60, timezone.utc))
     # the backlog's readings are stamped from now on; the writers' own roll-up job claims a minute 15 s after its
@@ -388,21 +380,15 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     produce(backlog)
     group = writer_group()
     started = time.monotonic()
-    pg_cpu_before = process_tree_cpu(pg_pid)
     pg_kinds_before = process_tree_cpu_by_kind(pg_pid)
     broker_cpu_before = {name: process_tree_cpu(pid) for name, pid in (("kafka", kafka_pid), ("redis", redis_pid))}
     group.start()
 
-    def stored() -> int:
-        return stored_by(group)
-
     def late() -> float:
         return sum(status[3] for status in group.status())
 
-    while stored() < backlog:
-        time.sleep(0.05)
-        if time.monotonic() - started > 600:
-            raise RuntimeError("backlog not drained in 10 minutes")
+    if not wait_stored(group, backlog, 600):
+        raise RuntimeError("backlog not drained in 10 minutes")
     status = group.status()
     first = min((f for _, f, _, _ in status if f is not None), default=started)
     drain_s = time.monotonic() - first
@@ -415,8 +401,8 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
     rolled = maintenance.advance_rollups(engine, until=datetime.fromtimestamp((now + max(seqs.values()) + 1) / 1000,
                                                                               timezone.utc))
     rollup_s = time.monotonic() - t0
-    pg_cpu_s = process_tree_cpu(pg_pid) - pg_cpu_before  # includes the group join before the first batch
     pg_kinds = cpu_by_kind(pg_kinds_before, process_tree_cpu_by_kind(pg_pid))
+    pg_cpu_s = sum(pg_kinds.values())  # includes the group join before the first batch
     # the rest of the machine's work per row: the Kafka broker serving the writers' fetches, Redis running the
     # cache scripts (both None when they run elsewhere)
     broker_cpu_s = {name: process_tree_cpu(pid) - broker_cpu_before[name] if pid else None
@@ -427,11 +413,9 @@ def bench_ingest(bootstrap: str, engine, devices: list[tuple[int, str]], backlog
              rollup_s)
     group.clear_lags()
     steady = int(rate * seconds)
-    before = stored()
+    before = stored_by(group)
     produce(steady, paced=rate)
-    deadline = time.monotonic() + 60
-    while stored() < before + steady and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_stored(group, before + steady, 60)  # what is not stored by then is missing from the latency figures
     steady_late = late() - late_rows
     lags = group.stop()
     return {"writers": writers, "backlog_rows": backlog, "ingest_rows_per_s": backlog / (drain_s + rollup_s),

@@ -622,6 +622,9 @@ def _apply_alarm_event_to(alarm, event: schema.AlarmEvent, at: datetime) -> None
     alarm.state = _alarm_state(alarm)
 
 
+_NO_RAISE = datetime.max.replace(tzinfo=timezone.utc)  # apply_alarm_events: a blank alarm, later than any raise
+_NO_VALUE = object()  # ... and without a value
+
 # apply_alarm_events on PostgreSQL: existing alarms updated by each one's folded events (see there), in one statement
 _PG_ALARM_UPDATE = (
     "UPDATE alarms r SET "
@@ -649,14 +652,14 @@ def apply_alarm_events(session: Session, events: list[tuple[int, schema.AlarmEve
     statements for the whole list instead of a query and a flush per event (an alarm storm -- every device of a
     fleet crossing a threshold at once -- came to the writer as thousands of ORM round trips).
 
-    Each alarm's events are folded first. For an alarm that exists, its update depends on its stored row only
-    through least/coalesce and one condition: raised_at takes the earliest "raised" time; acknowledged_at and
-    cleared_at keep a stored time, else take the first such event's; the value is that of the last "raised"
-    event with a value before the first "acknowledged" or "cleared" event, and only if the stored alarm is
-    neither acknowledged nor cleared. An alarm that does not exist is inserted with the state its events give
-    a new one (the same rules from a new row). An alarm neither updated nor inserted (it belongs to another
-    tenant, or another writer inserted it meanwhile) goes through apply_alarm_event, event by event, which
-    raises for the other tenant as before."""
+    Each alarm's events are folded first, with apply_alarm_event's own rules: onto a new alarm (inserted if
+    the alarm does not exist), and onto a blank one, which gives what they change in a stored alarm. That
+    change depends on the stored row only through least/coalesce and one condition: raised_at takes the
+    earliest "raised" time; acknowledged_at and cleared_at keep a stored time, else take the first such
+    event's; the folded value (the last "raised" one before any "acknowledged" or "cleared") is taken only if
+    the stored alarm is neither acknowledged nor cleared. An alarm neither updated nor inserted (it belongs to
+    another tenant, or another writer inserted it meanwhile) goes through apply_alarm_event, event by event,
+    which raises for the other tenant as before."""
     if session.get_bind().dialect.name != "postgresql":
         for tenant_id, event in events:
             apply_alarm_event(session, tenant_id, event)
@@ -666,32 +669,31 @@ def apply_alarm_events(session: Session, events: list[tuple[int, schema.AlarmEve
         at = datetime.fromtimestamp(event.ts / 1000, timezone.utc)
         fold = folded.get(event.alarm_id)
         if fold is None:
-            new = SimpleNamespace(tenant_id=tenant_id, device_id=event.device, rule=event.rule, metric=event.metric,
-                                  severity=event.severity, state="raised", value=event.value,
-                                  threshold=event.threshold, raised_at=at, acknowledged_at=None, cleared_at=None)
-            fold = folded[event.alarm_id] = {"tenant": tenant_id, "new": new, "events": [], "raised_min": None,
-                                             "value_set": False, "value": None, "ack": None, "cleared": None}
+            # the same rules folded twice: onto a new alarm (what to insert), and onto a blank one (what the
+            # events change in a stored alarm: no raise time yet, no value, neither acknowledged nor cleared)
+            fold = folded[event.alarm_id] = {
+                "tenant": tenant_id, "events": [],
+                "new": SimpleNamespace(tenant_id=tenant_id, device_id=event.device, rule=event.rule,
+                                       metric=event.metric, severity=event.severity, state="raised",
+                                       value=event.value, threshold=event.threshold, raised_at=at,
+                                       acknowledged_at=None, cleared_at=None),
+                "delta": SimpleNamespace(raised_at=_NO_RAISE, value=_NO_VALUE, acknowledged_at=None,
+                                         cleared_at=None, state="raised")}
         fold["events"].append((tenant_id, event))
         if tenant_id != fold["tenant"]:
             fold["mixed"] = True  # the same alarm under two tenants: apply_alarm_event raises for the second
         _apply_alarm_event_to(fold["new"], event, at)
-        if event.state == "raised":
-            fold["raised_min"] = at if fold["raised_min"] is None else min(fold["raised_min"], at)
-            if event.value is not None and fold["ack"] is None and fold["cleared"] is None:
-                fold["value_set"], fold["value"] = True, event.value
-        elif event.state == "acknowledged" and fold["ack"] is None:
-            fold["ack"] = at
-        elif event.state == "cleared" and fold["cleared"] is None:
-            fold["cleared"] = at
+        _apply_alarm_event_to(fold["delta"], event, at)
     simple = {alarm_id: f for alarm_id, f in folded.items() if not f.get("mixed")}
     done: set[str] = set()
     if simple:
         cursor = session.connection().connection.driver_connection.cursor()
-        ids = list(simple)
-        folds = list(simple.values())
+        deltas = [f["delta"] for f in simple.values()]
         cursor.execute(_PG_ALARM_UPDATE, (
-            ids, [f["tenant"] for f in folds], [f["raised_min"] for f in folds], [f["value_set"] for f in folds],
-            [f["value"] for f in folds], [f["ack"] for f in folds], [f["cleared"] for f in folds]))
+            list(simple), [f["tenant"] for f in simple.values()],
+            [None if d.raised_at is _NO_RAISE else d.raised_at for d in deltas],
+            [d.value is not _NO_VALUE for d in deltas], [None if d.value is _NO_VALUE else d.value for d in deltas],
+            [d.acknowledged_at for d in deltas], [d.cleared_at for d in deltas]))
         done.update(row[0] for row in cursor.fetchall())
         rest = [(alarm_id, f) for alarm_id, f in simple.items() if alarm_id not in done]
         if rest:
