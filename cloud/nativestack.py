@@ -209,6 +209,7 @@ class Service(abc.ABC):
         self._auto_port = port is None
         self.port: int = port if port is not None else free_port()
         self.proc: subprocess.Popen | None = None
+        self._signalled: subprocess.Popen | None = None  # the process signal_stop() signalled
         self.pgid: int | None = None
         self.log_path = self.workdir / f"{self.name}.log"
         self._prepared = False
@@ -266,16 +267,23 @@ class Service(abc.ABC):
                 raise
         return self  # not reached
 
+    def signal_stop(self) -> None:
+        """Send the graceful stop signal and return; ``stop`` then only waits. Lets several services shut down
+        side by side (one after another, the platform's stop took up to the sum of their stop timeouts)."""
+        if self.proc is not None and self.proc.poll() is None and self._signalled is not self.proc:
+            try:
+                os.kill(self.proc.pid, self._graceful_signal())
+            except ProcessLookupError:
+                pass
+            self._signalled = self.proc  # once per process: a second SIGTERM/SIGINT may mean "now" to it
+
     def stop(self, timeout: float | None = None) -> None:
         """Graceful stop (signal, wait), then SIGKILL of the whole process group. Keeps the data."""
         if self.proc is None:
             return
         timeout = self.stop_timeout if timeout is None else timeout
         if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, self._graceful_signal())
-            except ProcessLookupError:
-                pass
+            self.signal_stop()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -1442,12 +1450,18 @@ class Platform:
         if self.prometheus is not None:
             self.prometheus.close()
             self.prometheus = None
-        for svc in reversed(list(self.services.values())):
+        # each tier shuts down side by side: the services first (they flush to the backing ones), then those
+        apps = list(reversed(list(self.services.values())))
+        for svc in apps:
+            svc.signal_stop()
+        for svc in apps:
             svc.close()
         if self.watcher is not None:
             self.watcher.stop()
         if self.engine is not None:
             self.engine.dispose()
+        for svc in self.backing:
+            svc.signal_stop()
         for svc in reversed(self.backing):
             svc.close()
         self.services.clear()
@@ -1467,13 +1481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--web-port", type=int, default=None, help="dashboard port (default: IOT_WEB_PORT or 8000)")
     args = parser.parse_args(argv)
 
+    from cloud.service import install_stop_signals
+
     stop = threading.Event()
-
-    def _on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    install_stop_signals(stop)
     platform: Platform | None = None
     try:
         if args.backing_only:

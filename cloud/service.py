@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,13 +125,35 @@ class OpsServer:
         self.httpd.server_close()
 
 
-def install_stop_signals(stop: threading.Event) -> None:
-    def handler(signum, _frame):
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``, from a thread of their own (call from the main thread).
+
+    A Python signal handler runs in the main thread between two bytecodes. One that called ``stop.set()`` while
+    that thread was inside ``stop.wait()``, holding the event's lock, deadlocked: ``nativestack up`` was seen
+    hanging in exactly that way and from then on ignored every SIGTERM. So the handler does nothing itself: the
+    interpreter's C-level handler writes the signal's number to a pipe (``signal.set_wakeup_fd``), and a watcher
+    thread reads it and sets the event outside any signal context."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def handler(_signum, _frame):  # a Python-level handler must exist for the wakeup write to happen
+        pass
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+    def watch() -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum in STOP_SIGNALS:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    stop.set()
+
+    threading.Thread(target=watch, name="stop-signals", daemon=True).start()
 
 
 def serve(service: Service, host: str = "127.0.0.1", ops_port: int = 0, stop: threading.Event | None = None) -> int:
