@@ -42,37 +42,23 @@ from confluent_kafka.admin import NewTopic  # noqa: E402
 
 from cloud import nativestack  # noqa: E402
 from cloud.kafka_init import ensure_topics  # noqa: E402
+from cloud.loadgen import connect_packet, mqtt_string, publish_packet  # noqa: E402
 from cloud.settings import Topics, load  # noqa: E402
 
 MOSQUITTO_CONF = "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
 
 
-# --- raw MQTT 3.1.1 publisher ------------------------------------------------------------------------------
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect_packet(client_id: str) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + _remaining(len(body)) + body
-
+# --- raw MQTT 3.1.1 publisher (the load generator's packets) -----------------------------------------------
 
 def publisher(port: int, prefix: str, first: int, devices: int, count: int, boot: int, start, done) -> None:
     socks = []
     for i in range(first, first + devices):
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(_connect_packet(f"{prefix}-{i}"))
+        s.sendall(connect_packet(f"{prefix}-{i}", None, None, keepalive=60))
         assert s.recv(4)[:2] == b"\x20\x02", "no CONNACK"
         s.setblocking(False)
-        socks.append((s, f"{prefix}-{i}", f"devices/{prefix}-{i}/telemetry".encode()))
+        socks.append((s, f"{prefix}-{i}", mqtt_string(f"devices/{prefix}-{i}/telemetry")))
     start.wait()
     sent = acked = 0
     window = 20_000
@@ -82,13 +68,11 @@ def publisher(port: int, prefix: str, first: int, devices: int, count: int, boot
         now_ms = int(time.time() * 1000)
         for s, device, topic in socks:
             parts = []
-            tlen = len(topic).to_bytes(2, "big")
             for seq in range(base, min(count, base + chunk)):
                 mid = mid % 65535 + 1
                 payload = (f'{{"v":1,"id":"{device}","boot":{boot},"seq":{seq},"ts":{now_ms},"t":21.5,'
                            f'"h":45.5,"p":1001.25,"rssi":-60,"up":{seq},"fw":"bench"}}').encode()
-                body_len = 2 + len(topic) + 2 + len(payload)
-                parts.append(b"\x32" + _remaining(body_len) + tlen + topic + mid.to_bytes(2, "big") + payload)
+                parts.append(publish_packet(topic, payload, mid))
             s.setblocking(True)
             s.sendall(b"".join(parts))
             s.setblocking(False)

@@ -80,6 +80,10 @@ def _check_loopback(host: str) -> None:
 # --- MQTT 3.1.1 packets -------------------------------------------------------------------------------------
 
 def _remaining(n: int) -> bytes:
+    if n < 128:  # the usual sizes first: a reading's PUBLISH is 1 or 2 bytes of length
+        return bytes((n,))
+    if n < 16384:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -88,7 +92,8 @@ def _remaining(n: int) -> bytes:
             return bytes(out)
 
 
-def _str(s: str | bytes) -> bytes:
+def mqtt_string(s: str | bytes) -> bytes:
+    """An MQTT string: its length (2 bytes), then its bytes. A PUBLISH's topic is one; devices build theirs once."""
     b = s.encode() if isinstance(s, str) else s
     return len(b).to_bytes(2, "big") + b
 
@@ -96,54 +101,41 @@ def _str(s: str | bytes) -> bytes:
 def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int = 60,
                    will_topic: str | None = None, will_payload: bytes = b"") -> bytes:
     flags = 0x02  # clean session
-    payload = _str(client_id)
+    payload = mqtt_string(client_id)
     if will_topic:
         flags |= 0x04 | 0x08 | 0x20  # will, will QoS 1, will retain
-        payload += _str(will_topic) + _str(will_payload)
+        payload += mqtt_string(will_topic) + mqtt_string(will_payload)
     if username is not None:
         flags |= 0x80
-        payload += _str(username)
+        payload += mqtt_string(username)
         if password is not None:
             flags |= 0x40
-            payload += _str(password)
+            payload += mqtt_string(password)
     body = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive.to_bytes(2, "big") + payload
     return b"\x10" + _remaining(len(body)) + body
 
 
 def publish_packet(topic: bytes, payload: bytes, mid: int, retain: bool = False, dup: bool = False) -> bytes:
+    """A QoS 1 PUBLISH. ``topic`` is the topic as an MQTT string (``mqtt_string``): a device builds it once, since this
+    runs per reading on the cores the system under test uses."""
     header = 0x32 | (0x01 if retain else 0) | (0x08 if dup else 0)
-    body_len = 2 + len(topic) + 2 + len(payload)
-    return bytes([header]) + _remaining(body_len) + len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") \
-        + payload
-
-
-def telemetry_packet(topic_field: bytes, payload: bytes, mid: int) -> bytes:
-    """``publish_packet(topic, payload, mid)`` (QoS 1, no retain) with the topic's field (length + name) built
-    once per device: the load generator's per-reading cost, which shares the cores with the system it measures."""
-    n = len(topic_field) + 2 + len(payload)
-    if n < 128:
-        head = bytes((0x32, n))
-    elif n < 16384:
-        head = bytes((0x32, (n & 0x7F) | 0x80, n >> 7))
-    else:
-        head = b"\x32" + _remaining(n)
-    return b"".join((head, topic_field, mid.to_bytes(2, "big"), payload))
+    return b"".join((bytes((header,)), _remaining(len(topic) + 2 + len(payload)), topic, mid.to_bytes(2, "big"),
+                     payload))
 
 
 # --- one device ---------------------------------------------------------------------------------------------
 
 class _Dev:
-    __slots__ = ("id", "user", "password", "topic", "status_topic", "boot", "seq", "sock", "state", "outbuf",
-                 "inbuf", "unacked", "mid", "next_connect", "backoff", "alarm", "connects", "last_io", "polling_out",
-                 "id_bytes", "topic_field")
+    __slots__ = ("id", "id_bytes", "user", "password", "topic", "status_topic", "boot", "seq", "sock", "state",
+                 "outbuf", "inbuf", "unacked", "mid", "next_connect", "backoff", "alarm", "connects", "last_io",
+                 "polling_out")
 
     def __init__(self, device_id: str, user: str | None, password: str | None, boot: int, alarm: bool):
         self.id = device_id
         self.user, self.password = user, password
-        self.topic = f"devices/{device_id}/telemetry".encode()
-        self.topic_field = len(self.topic).to_bytes(2, "big") + self.topic  # a PUBLISH's topic, length first
         self.id_bytes = device_id.encode()
-        self.status_topic = f"devices/{device_id}/status".encode()
+        self.topic = mqtt_string(f"devices/{device_id}/telemetry")  # as PUBLISH carries it (see publish_packet)
+        self.status_topic = f"devices/{device_id}/status"
         self.boot = boot
         self.seq = 0
         self.sock: socket.socket | None = None
@@ -160,6 +152,10 @@ class _Dev:
         self.polling_out = False  # registered for EPOLLOUT: changed only when it must (one syscall less per send)
 
     def next_mid(self) -> int:
+        mid = self.mid % 65535 + 1
+        if mid not in self.unacked:  # the usual case: the next id is free
+            self.mid = mid
+            return mid
         for _ in range(65535):
             self.mid = self.mid % 65535 + 1
             if self.mid not in self.unacked:
@@ -231,6 +227,24 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
             except OSError:
                 pass
 
+    def send(dev: _Dev, data: bytes) -> None:
+        """``data`` to the device's socket: straight away when nothing waits before it (no buffer: the usual case,
+        one reading per device and turn), else behind what waits, in order."""
+        if dev.outbuf:
+            dev.outbuf += data
+            flush(dev)
+            return
+        try:
+            n = dev.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            close(dev, "send")
+            return
+        if n < len(data):
+            dev.outbuf += data[n:]
+            flush(dev)
+
     def start_connect(dev: _Dev) -> None:
         try:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -247,7 +261,7 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
         dev.connects += 1
         res.connects += 1
         by_fd[s.fileno()] = dev
-        dev.outbuf += connect_packet(dev.id, dev.user, dev.password, 60, dev.status_topic.decode(),
+        dev.outbuf += connect_packet(dev.id, dev.user, dev.password, 60, dev.status_topic,
                                      b'{"v":1,"state":"offline"}')
         ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
         dev.polling_out = True
@@ -265,7 +279,7 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
         status = json.dumps({"v": 1, "state": "online", "id": dev.id, "boot": dev.boot, "fw": "loadgen"},
                             separators=(",", ":")).encode()
         dev.unacked[mid] = (-1, status)
-        dev.outbuf += publish_packet(dev.status_topic, status, mid, retain=True)
+        dev.outbuf += publish_packet(mqtt_string(dev.status_topic), status, mid, retain=True)
         # readings the broker never acknowledged: again, in order (the firmware's backlog does the same)
         old = sorted(((s, p) for s, p in dev.unacked.values() if s >= 0), key=lambda x: x[0])
         if old:
@@ -389,29 +403,12 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
                 t = 21.0 + (seq % 7) * 0.25
             payload = (b'{"v":1,"id":"%s","boot":%d,"seq":%d,"ts":%d,"t":%.2f,"h":45.5,"p":1001.25,"rssi":-60,'
                        b'"up":%d,"fw":"%s"}' % (dev.id_bytes, dev.boot, seq, now_ms, t, seq, fw))
-            mid = dev.mid % 65535 + 1
-            if mid in dev.unacked:
-                mid = dev.next_mid()
-            dev.mid = mid
+            mid = dev.next_mid()
             dev.unacked[mid] = (seq, payload)
-            packet = telemetry_packet(dev.topic_field, payload, mid)
             dev.last_io = now
             due -= 1
             sent += 1
-            if dev.outbuf:  # bytes still waiting for the socket: behind them, in order
-                dev.outbuf += packet
-                flush(dev)
-                continue
-            try:  # the usual case: straight to the socket, no buffer
-                n = dev.sock.send(packet)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                close(dev, "send")
-                continue
-            if n < len(packet):
-                dev.outbuf += packet[n:]
-                flush(dev)
+            send(dev, publish_packet(dev.topic, payload, mid))  # as it is built: no second pass over the devices
         res.sent = sent
         counters[index * _NCOUNT] = sent
         if skipped:
@@ -433,8 +430,7 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
             for dev in devs:
                 if dev.state == "up" and not dev.outbuf and now - dev.last_io > 20:
                     dev.last_io = now
-                    dev.outbuf += b"\xc0\x00"
-                    flush(dev)
+                    send(dev, b"\xc0\x00")
 
     # drain: wait (bounded) until the broker acknowledged everything outstanding
     drain_until = time.monotonic() + (30 if not stop_evt.is_set() else 5)

@@ -625,7 +625,10 @@ def _apply_alarm_event_to(alarm, event: schema.AlarmEvent, at: datetime) -> None
 _NO_RAISE = datetime.max.replace(tzinfo=timezone.utc)  # apply_alarm_events: a blank alarm, later than any raise
 _NO_VALUE = object()  # ... and without a value
 
-# apply_alarm_events on PostgreSQL: existing alarms updated by each one's folded events (see there), in one statement
+# apply_alarm_events on PostgreSQL: existing alarms updated by each one's folded events (see there), in one statement.
+# Its value condition and state CASE are _apply_alarm_event_to's value rule and _alarm_state, in SQL, applied to the
+# stored row merged with the fold (they cannot run in Python without reading every row first); the equivalence test
+# (tests/store/test_alarm_events.py) holds the two to the same result.
 _PG_ALARM_UPDATE = (
     "UPDATE alarms r SET "
     "raised_at = least(r.raised_at, d.raised_min), "
