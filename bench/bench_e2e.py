@@ -535,19 +535,27 @@ def verify_readings(engine, boot: int, acknowledged: dict[str, tuple[int, int, s
 
 
 def verify_alarms(engine, acknowledged: dict[str, tuple[int, int, set[int]]], alarm_devices: list[str]) -> dict:
-    """The alarms table holds exactly the episodes the temperature pattern implies for every alarm device."""
+    """The alarms table holds exactly the episodes the temperature pattern implies for every alarm device, given
+    the readings that reached the bus: the acknowledged ones (verify_readings checks that each is stored) and any
+    unacknowledged one that made it anyway (in flight when the fleet stopped or a fault hit). The alarm service
+    saw those too, so the stored readings, not the acknowledged ones alone, say which episodes there are."""
     from sqlalchemy import text
 
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT device_id, count(*), count(cleared_at) FROM alarms "
                                  "WHERE device_id = ANY(:ids) AND rule = 'hot' GROUP BY device_id"),
                             {"ids": alarm_devices}).all()
+        stored: dict[str, set[int]] = defaultdict(set)
+        for device, boot, seq in conn.execute(text("SELECT device_id, boot, seq FROM telemetry "
+                                                   "WHERE device_id = ANY(:ids)"), {"ids": alarm_devices}):
+            if boot == acknowledged[device][0]:
+                stored[device].add(seq)
     got = {r[0]: (r[1], r[2]) for r in rows}
     expected_raised = expected_cleared = raised = cleared = 0
     wrong = []
     for device in alarm_devices:
         _boot, next_seq, unacked = acknowledged[device]
-        episodes = expected_alarm_seqs(s for s in range(next_seq) if s not in unacked)
+        episodes = expected_alarm_seqs({s for s in range(next_seq) if s not in unacked} | stored[device])
         want_raised = len(episodes)
         want_cleared = sum(1 for _, c in episodes if c is not None)
         have_raised, have_cleared = got.get(device, (0, 0))
