@@ -6,9 +6,14 @@ writer carries on (the failure is logged at most every few seconds and counted i
 fill again with the next readings. After a failure Redis is not tried again for ``retry_after`` seconds, so an
 outage does not add a timeout to every batch.
 
-Redis layout: hash ``iot:latest:<device id>`` (field values JSON-encoded), pub/sub channel
-``iot:events:<tenant id>`` carrying JSON events such as ``{"type":"reading","device":..,"t":..}``,
-``{"type":"status",...}``, ``{"type":"command",...}``, ``{"type":"alarm",...}``.
+Redis layout: hash ``iot:latest:<device id>`` with field values JSON-encoded: ``reading`` (the newest reading
+as one JSON object: ``t``, ``h``, ``p``, ``rssi``, ``ts``, ``seq``, ``boot``, ``up``), ``last_seen``, ``tenant``
+and whatever else was set field by field (``status``, ``fw``). Readers get one flat dict: the reading's fields,
+then the others; a reading's field wins over a top-level one of the same name. The reading is one field because
+it is written for every reading stored: an HSET of ten fields cost Redis 2.5 us per reading, and a script had to
+split them. Pub/sub channel ``iot:events:<tenant id>`` carries JSON events such as
+``{"type":"reading","device":..,"t":..}``, ``{"type":"status",...}``, ``{"type":"command",...}``,
+``{"type":"alarm",...}``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 LATEST_PREFIX = "iot:latest:"
+READING_FIELD = "reading"  # the hash field holding the newest reading (reserved: update_many must not set it)
 EVENTS_PREFIX = "iot:events:"
 
 CACHE_ERRORS = Counter("iot_cache_errors_total", "Cache (Redis) operations that failed", ["op"])
@@ -61,6 +67,10 @@ class LatestCache(Protocol):
     def update(self, tenant_id: int, device_id: str, fields: dict) -> None: ...
 
     def update_many(self, items: list[tuple[int, str, dict]]) -> None: ...
+
+    def update_readings(self, items: list[tuple[int, str, dict]], seen_ms: int) -> None:
+        """Each device's newest reading (a dict of numbers and nulls), replacing the one before, and
+        ``last_seen = seen_ms``."""
 
     def get(self, device_id: str) -> dict: ...
 
@@ -159,6 +169,10 @@ class MemoryCache:
     def update_many(self, items: list[tuple[int, str, dict]]) -> None:
         for tenant_id, device_id, fields in items:
             self.update(tenant_id, device_id, fields)
+
+    def update_readings(self, items: list[tuple[int, str, dict]], seen_ms: int) -> None:
+        for tenant_id, device_id, reading in items:
+            self.update(tenant_id, device_id, {**reading, "last_seen": seen_ms})
 
     def get(self, device_id: str) -> dict:
         with self._lock:
@@ -376,26 +390,36 @@ class _RedisFeed:
 
 
 # get_many in one round trip: every KEYS[i] hash as a JSON object (its values are JSON text already), the whole
-# answer one JSON array with null for a hash without any of the fields asked for. ARGV empty: every field
-# (HGETALL; each name JSON-encoded here); else n field names, then the same n names as JSON strings (HMGET, the
-# names encoded once by the caller: encoding every name of every hash was most of Redis's time for 200 devices).
+# answer one JSON array with null for an empty hash. ARGV empty: every field (HGETALL; each name JSON-encoded
+# here); else n field names, then the same n names as JSON strings (HMGET, the names encoded once by the caller:
+# encoding every name of every hash was most of Redis's time for 200 devices). The reading (one JSON object,
+# read in either case) is spliced in after the other fields, so its fields win over stale top-level ones.
 _GET_MANY_LUA = """
 local n = #ARGV / 2
 local out = {}
 for i, key in ipairs(KEYS) do
   local parts = {}
+  local reading = false
   if n == 0 then
     local flat = redis.call('HGETALL', key)
     for j = 1, #flat, 2 do
-      parts[#parts + 1] = cjson.encode(flat[j]) .. ':' .. flat[j + 1]
-    end
-  else
-    local values = redis.call('HMGET', key, unpack(ARGV, 1, n))
-    for j = 1, n do
-      if values[j] then
-        parts[#parts + 1] = ARGV[n + j] .. ':' .. values[j]
+      if flat[j] == 'reading' then
+        reading = flat[j + 1]
+      else
+        parts[#parts + 1] = cjson.encode(flat[j]) .. ':' .. flat[j + 1]
       end
     end
+  else
+    local values = redis.call('HMGET', key, 'reading', unpack(ARGV, 1, n))
+    reading = values[1]
+    for j = 1, n do
+      if values[j + 1] then
+        parts[#parts + 1] = ARGV[n + j] .. ':' .. values[j + 1]
+      end
+    end
+  end
+  if reading and #reading > 2 then
+    parts[#parts + 1] = string.sub(reading, 2, -2)
   end
   if #parts == 0 then
     out[i] = 'null'
@@ -406,39 +430,27 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 
-# KEYS: one latest-values hash per device. ARGV: the TTL (0: none); m, the number of field-name lists, then the m
-# lists (names joined by ","); then per key either a list's number and ONE argument with that many values (their JSON
-# texts joined by ","), or minus the number of fields n and the n field/value pairs. The first form carries a
-# reading's numbers (the usual update) in one argument instead of a name and a value each: redis-py packs every
-# argument in Python, and 21 of them per device (a name and a value for each of 10 fields, and the count) were
-# most of the writer's cache cost.
+# KEYS: one latest-values hash per device. ARGV: the TTL (0: none), then per key the number of fields n and n
+# field/value pairs.
 _SET_MANY_LUA = """
 local ttl = tonumber(ARGV[1])
-local m = tonumber(ARGV[2])
-local lists = {}
-for j = 1, m do
-  local names = {}
-  for name in string.gmatch(ARGV[2 + j], '[^,]+') do names[#names + 1] = name end
-  lists[j] = names
-end
-local i = 3 + m
+local i = 2
 for _, key in ipairs(KEYS) do
-  local tag = tonumber(ARGV[i])
-  if tag > 0 then
-    local names = lists[tag]
-    local hset = {}
-    local k = 0
-    for value in string.gmatch(ARGV[i + 1], '[^,]+') do
-      k = k + 1
-      hset[2 * k - 1] = names[k]
-      hset[2 * k] = value
-    end
-    redis.call('HSET', key, unpack(hset))
-    i = i + 2
-  else
-    redis.call('HSET', key, unpack(ARGV, i + 1, i - 2 * tag))
-    i = i + 1 - 2 * tag
-  end
+  local n = tonumber(ARGV[i])
+  redis.call('HSET', key, unpack(ARGV, i + 1, i + 2 * n))
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  i = i + 1 + 2 * n
+end
+return #KEYS
+"""
+
+# KEYS: one latest-values hash per device. ARGV: the TTL (0: none), last_seen, then per key its tenant and its
+# reading as one JSON object.
+_SET_READINGS_LUA = """
+local ttl = tonumber(ARGV[1])
+local seen = ARGV[2]
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, 'reading', ARGV[2 * i + 2], 'last_seen', seen, 'tenant', ARGV[2 * i + 1])
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
 return #KEYS
@@ -466,6 +478,7 @@ class RedisCache:
         self._last_log = 0.0
         self._get_script = None
         self._set_script = None
+        self._readings_script = None
         self._publish_script = None
 
     # errors: log at most every 10 s, count every one, skip Redis for retry_after seconds
@@ -492,43 +505,44 @@ class RedisCache:
 
     def update_many(self, items: list[tuple[int, str, dict]]) -> None:
         """Every device's fields (each stored as JSON text) in ONE script call: a pipeline of an HSET and an
-        EXPIRE per device, with a json.dumps per field, was a third of the writer's time at 10,000 devices.
-
-        A device whose values are all numbers, booleans or nulls (a reading) goes as one argument: the values'
-        JSON texts joined by commas, from one orjson call, with its field names sent once per batch (see
-        _SET_MANY_LUA); such texts hold no comma, so the script splits them back exactly. Anything else (a
-        string, a list ...) goes field by field."""
+        EXPIRE per device, with redis-py packing every command, was a third of the writer's time at 10,000
+        devices."""
         if not items or not self._available("update"):
             return
         keys: list[str] = []
-        args: list = [self.ttl_s, 0]
-        lists: dict[tuple, int] = {}
-        compact: list = []  # per key: its list number and the joined values, or -n and the n pairs
+        args: list = [self.ttl_s]
         dumps = orjson.dumps
         for tenant_id, device_id, fields in items:
             keys.append(LATEST_PREFIX + device_id)
-            names = tuple(fields)
-            number = lists.get(names)
-            values = dumps([*fields.values(), tenant_id], default=str)[1:-1]
-            if number is None and all(type(name) is str and name and "," not in name for name in names):
-                number = lists[names] = len(lists) + 1  # (names the script's split gives back one for one)
-            if number is None or b'"' in values or b"[" in values:  # a string, an object (quoted keys), a list
-                compact.append(-(len(fields) + 1))
-                for name, value in fields.items():
-                    compact.append(name)
-                    compact.append(dumps(value, default=str))
-                compact.append("tenant")
-                compact.append(dumps(tenant_id))
-                continue
-            compact.append(number)
-            compact.append(values)
-        args[1] = len(lists)
-        args.extend(",".join((*names, "tenant")) for names in lists)
-        args.extend(compact)
+            args.append(len(fields) + 1)
+            for name, value in fields.items():
+                args.append(name)
+                args.append(dumps(value, default=str))
+            args.append("tenant")
+            args.append(tenant_id)
         try:
             if self._set_script is None:
                 self._set_script = self._client.register_script(_SET_MANY_LUA)
             self._set_script(keys=keys, args=args)
+        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
+            self._failed("update", exc)
+
+    def update_readings(self, items: list[tuple[int, str, dict]], seen_ms: int) -> None:
+        """Each device's reading as ONE hash field (one orjson call; see the module docstring), with last_seen and
+        the tenant, in one script call."""
+        if not items or not self._available("update"):
+            return
+        keys: list[str] = []
+        args: list = [self.ttl_s, seen_ms]
+        dumps = orjson.dumps
+        for tenant_id, device_id, reading in items:
+            keys.append(LATEST_PREFIX + device_id)
+            args.append(tenant_id)
+            args.append(dumps(reading, default=str))
+        try:
+            if self._readings_script is None:
+                self._readings_script = self._client.register_script(_SET_READINGS_LUA)
+            self._readings_script(keys=keys, args=args)
         except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
             self._failed("update", exc)
 
@@ -554,6 +568,8 @@ class RedisCache:
             values = orjson.loads(blob)
         except (orjson.JSONDecodeError, TypeError):
             return self._get_many_slow(device_ids, fields)
+        if fields:  # the whole reading came along: keep what was asked for
+            values = [v and {f: v[f] for f in fields if f in v} for v in values]
         return {d: v for d, v in zip(device_ids, values) if v}
 
     def _get_many_slow(self, device_ids: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
@@ -568,7 +584,12 @@ class RedisCache:
         out = {}
         for device_id, raw in zip(device_ids, results):
             if raw:
-                value = {k: _loads(v) for k, v in raw.items() if not fields or k in fields}
+                value = {k: _loads(v) for k, v in raw.items() if k != READING_FIELD}
+                reading = _loads(raw.get(READING_FIELD, "{}"))
+                if isinstance(reading, dict):
+                    value.update(reading)
+                if fields:
+                    value = {k: v for k, v in value.items() if k in fields}
                 if value:
                     out[device_id] = value
         return out

@@ -1084,6 +1084,7 @@ class Writer:
         """Latest values into the cache and live events per tenant, for stored batches in the order stored. Best
         effort: the cache swallows errors."""
         try:
+            readings: list[tuple[int, str, dict]] = []
             updates: list[tuple[int, str, dict]] = []
             events: list[tuple[int, dict]] = []
             newest: dict[str, tuple] = {}
@@ -1100,12 +1101,12 @@ class Writer:
                 if ts_ms < cached_get(device_id, 0):
                     continue  # an old reading (backlog replay) must not replace a newer one
                 cached[device_id] = ts_ms
-                fields = {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up,
-                          "last_seen": now_ms}
-                event = fields.copy()  # a copy of a dict is cheaper than a second display of it
+                reading = {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up}
+                event = reading.copy()  # a copy of a dict is cheaper than a second display of it
+                event["last_seen"] = now_ms
                 event["type"] = "reading"
                 event["device"] = device_id
-                updates.append((tenant_id, device_id, fields))
+                readings.append((tenant_id, device_id, reading))
                 events.append((tenant_id, event))
             for outcome in outcomes:
                 for item, status in outcome.statuses:
@@ -1128,6 +1129,8 @@ class Writer:
                                                "state": event.state, "ts": event.ts}))
             if len(self._cached_ts) > 1_000_000:
                 self._cached_ts.clear()
+            if readings:
+                self.cache.update_readings(readings, now_ms)
             _call(self.cache, "update_many", updates)
             _call(self.cache, "publish_many", events)
         except Exception as exc:  # noqa: BLE001 - the cache is never allowed to stop the writer

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import redis as redis_lib
 
-from cloud.cache import LATEST_PREFIX, RedisCache
+from cloud.cache import LATEST_PREFIX, MemoryCache, RedisCache
 
 
 def test_update_many_writes_every_device_and_its_ttl(redis):
@@ -65,27 +66,33 @@ def test_memory_cache_get_many_with_fields():
     assert cache.get_many(["m-1"])["m-1"]["h"] == 41.0
 
 
-def test_numeric_updates_go_compact_and_read_back_exactly(redis):
-    """Readings (numbers, booleans and nulls only) travel as one joined argument per device, anything else field
-    by field, in the same call; both store each value's JSON text exactly as a per-field encoding would."""
-    import orjson
-
-    cache = RedisCache(redis.url)
+def test_a_reading_is_one_field_and_reads_back_flat(redis):
+    """update_readings stores a reading as one JSON field beside last_seen and tenant; readers get one flat dict
+    with the status fields set field by field, a newer reading replaces the older one whole, and a reading's field
+    wins over a stale top-level field of the same name (a hash written before the reading was one field)."""
+    cache = RedisCache(redis.url, ttl_s=60)
     raw = redis_lib.Redis.from_url(redis.url, decode_responses=True)
-    reading = {"t": 0.1 + 0.2, "h": 41.0, "p": None, "rssi": -60, "ts": 1_796_400_000_123, "seq": 2**40, "ok": True}
-    cache.update_many([(5, "compact-1", reading),
-                       (5, "compact-2", {"status": "online, really", "last_seen": 12}),  # a string: field by field
-                       (6, "compact-3", {"t": 1e-7, "h": -0.0, "list": [1, 2]}),  # a list: field by field
-                       (5, "compact-4", {"t": 22.25, "h": 40.0}),  # another name list
-                       (5, "compact-5", reading),
-                       (5, "compact-6", {"a,b": 1}),  # names the script's split would not give back one for
-                       (5, "compact-7", {"": 2, "z": 3})])  # one: field by field
-    for device in ("compact-1", "compact-5"):
-        assert raw.hgetall(LATEST_PREFIX + device) == {
-            **{k: orjson.dumps(v).decode() for k, v in reading.items()}, "tenant": "5"}
-    assert cache.get("compact-1") == {**reading, "tenant": 5}
-    assert cache.get("compact-2") == {"status": "online, really", "last_seen": 12, "tenant": 5}
-    assert cache.get("compact-3") == {"t": 1e-7, "h": -0.0, "list": [1, 2], "tenant": 6}
-    assert cache.get("compact-4") == {"t": 22.25, "h": 40.0, "tenant": 5}
-    assert cache.get("compact-6") == {"a,b": 1, "tenant": 5}
-    assert cache.get("compact-7") == {"": 2, "z": 3, "tenant": 5}
+    reading = {"t": 0.1 + 0.2, "h": 41.0, "p": None, "rssi": -60, "ts": 1_796_400_000_123, "seq": 2**40, "boot": 3,
+               "up": 9}
+    raw.hset(LATEST_PREFIX + "one-2", mapping={"t": "99.0", "seq": "1"})  # the old layout's stale fields
+    cache.update_readings([(5, "one-1", reading), (6, "one-2", {"t": 1e-7, "seq": 2})], 1_796_400_000_500)
+    cache.update_many([(5, "one-1", {"status": "online, really", "fw": "1.2.3"})])
+    assert raw.hgetall(LATEST_PREFIX + "one-1") == {
+        "reading": orjson.dumps(reading).decode(), "last_seen": "1796400000500", "tenant": "5",
+        "status": '"online, really"', "fw": '"1.2.3"'}
+    assert 0 < raw.ttl(LATEST_PREFIX + "one-1") <= 60
+    whole = {**reading, "last_seen": 1_796_400_000_500, "tenant": 5, "status": "online, really", "fw": "1.2.3"}
+    assert cache.get("one-1") == whole
+    assert cache.get("one-2") == {"t": 1e-7, "seq": 2, "last_seen": 1_796_400_000_500, "tenant": 6}
+    assert cache.get_many(["one-1", "one-2"], ("t", "status")) == {"one-1": {"t": reading["t"],
+                                                                          "status": "online, really"},
+                                                                 "one-2": {"t": 1e-7}}
+    assert cache._get_many_slow(["one-1", "one-2"]) == cache.get_many(["one-1", "one-2"])  # the fallback agrees
+    assert cache._get_many_slow(["one-1"], ("t", "status")) == cache.get_many(["one-1"], ("t", "status"))
+    cache.update_readings([(5, "one-1", {"t": 22.25, "seq": 7})], 1_796_400_001_000)
+    assert cache.get("one-1") == {"t": 22.25, "seq": 7, "last_seen": 1_796_400_001_000, "tenant": 5,
+                                  "status": "online, really", "fw": "1.2.3"}
+    memory = MemoryCache()  # the demo's cache answers the same
+    memory.update_readings([(5, "one-1", reading)], 1_796_400_000_500)
+    memory.update_many([(5, "one-1", {"status": "online, really", "fw": "1.2.3"})])
+    assert memory.get("one-1") == whole

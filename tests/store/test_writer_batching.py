@@ -98,15 +98,19 @@ class _RecordingCache(MemoryCache):
         self.calls.append(("update_many", list(items)))
         super().update_many(items)
 
+    def update_readings(self, items, seen_ms):
+        self.calls.append(("update_readings", list(items)))
+        super().update_readings(items, seen_ms)
+
     def publish_many(self, events):
         self.calls.append(("publish_many", list(events)))
         super().publish_many(events)
 
 
 def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite_url, engine_at):
-    """Outcomes that queued behind the cache thread go in one update and one publish call: per device the newest
-    reading of all of them, an older one (a replay stored later) never replaces it, and the stage ends at None
-    after caching what came before it."""
+    """Outcomes that queued behind the cache thread go in one readings update and one publish call: per device the
+    newest reading of all of them, an older one (a replay stored later) never replaces it, and the stage ends at
+    None after caching what came before it."""
     import queue
 
     from cloud.writer import Outcome
@@ -126,7 +130,7 @@ def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite
     stage.start()
     stage.join(10)
     assert not stage.is_alive(), "the cache stage must end at None"
-    assert [name for name, _ in cache.calls] == ["update_many", "publish_many"]
+    assert [name for name, _ in cache.calls] == ["update_readings", "publish_many"]
     updates = {device: fields["seq"] for _, device, fields in cache.calls[0][1]}
     assert updates == {"d1": 3, "d2": 1, "d3": 9}
     assert cache.get("d1")["seq"] == 3 and cache.get("d1")["tenant"] == 7
