@@ -64,6 +64,9 @@ class Settings:
     # published until the bridges resubscribe are lost (measured by bench/chaos.py): only scale out knowingly.
     bridge_shared: bool = False
     bridge_max_inflight: int = 10_000
+    # while messages wait for the bus, the bridge reads the broker's socket at most every this many ms: what
+    # arrives meanwhile waits in the socket buffer and is read in one go, instead of a wake-up per message or two
+    bridge_read_interval_ms: int = 5
     max_payload_bytes: int = 4096
     writer_batch_size: int = 2000
     # the shortest time a writer batch stays open; it then closes once the store stage is free and nothing more
@@ -173,6 +176,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "IOT_BRIDGE_GROUP": ("bridge_group", _text),
     "IOT_BRIDGE_SHARED": ("bridge_shared", _bool),
     "IOT_BRIDGE_MAX_INFLIGHT": ("bridge_max_inflight", _int_range(1, 1_000_000)),
+    "IOT_BRIDGE_READ_INTERVAL_MS": ("bridge_read_interval_ms", _int_range(0, 1000)),
     "IOT_MAX_PAYLOAD_BYTES": ("max_payload_bytes", _int_range(64, 1_048_576)),
     "IOT_WRITER_BATCH_SIZE": ("writer_batch_size", _int_range(1, 1_000_000)),
     "IOT_WRITER_BATCH_MS": ("writer_batch_ms", _int_range(0, 60_000)),
