@@ -45,6 +45,11 @@ ALARM_PERIOD = 8
 ALARM_HOT = range(2, 5)
 HOT_T = 35.0
 MAX_CONNECTING = 64  # per worker: outstanding CONNECTs (Mosquitto hashes every password, PBKDF2, one at a time)
+# Between publishing rounds a worker sleeps this long and then reads every PUBACK that came meanwhile in one epoll
+# pass. Waiting in epoll instead woke the worker for nearly every PUBACK: at 13,000 msg/s the load generator took
+# 23.4 % of a core and Mosquitto 29.7 %, against 19.3 % and 27.7 % with the nap (interleaved in one run). Readings
+# still carry the time they were built, and the rate is kept by the schedule (a round sends what is due).
+PUBLISH_NAP_S = 0.004
 CONNECT_TIMEOUT_S = 600
 
 
@@ -413,7 +418,8 @@ def _worker(index: int, host: str, port: int, devices: list[tuple[str, str | Non
         counters[index * _NCOUNT] = sent
         if skipped:
             counters[index * _NCOUNT + 4] += 1
-        _pump(ep, by_fd, on_read, flush, 0.005)
+        time.sleep(PUBLISH_NAP_S)
+        _pump(ep, by_fd, on_read, flush, 0)
         publish_counts()
         if now - last_reconnect > 0.1:
             last_reconnect = now
