@@ -8,8 +8,8 @@ outage does not add a timeout to every batch.
 
 Redis layout: hash ``iot:latest:<device id>`` with field values JSON-encoded: ``reading`` (the newest reading
 as one JSON object: ``t``, ``h``, ``p``, ``rssi``, ``ts``, ``seq``, ``boot``, ``up``), ``last_seen``, ``tenant``
-and whatever else was set field by field (``status``, ``fw``). Readers get one flat dict: the reading's fields,
-then the others; a reading's field wins over a top-level one of the same name. The reading is one field because
+and whatever else was set field by field (``status``, ``fw``). Readers get one flat dict of the other fields and
+the reading's; a reading's field wins over a top-level one of the same name. The reading is one field because
 it is written for every reading stored: an HSET of ten fields cost Redis 2.5 us per reading, and a script had to
 split them. Pub/sub channel ``iot:events:<tenant id>`` carries JSON events such as
 ``{"type":"reading","device":..,"t":..}``, ``{"type":"status",...}``, ``{"type":"command",...}``,
@@ -31,7 +31,8 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 LATEST_PREFIX = "iot:latest:"
-READING_FIELD = "reading"  # the hash field holding the newest reading (reserved: update_many must not set it)
+# the hash field of the newest reading; the scripts below spell it out, and update_many must not set it
+READING_FIELD = "reading"
 EVENTS_PREFIX = "iot:events:"
 
 CACHE_ERRORS = Counter("iot_cache_errors_total", "Cache (Redis) operations that failed", ["op"])
