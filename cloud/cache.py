@@ -477,10 +477,7 @@ class RedisCache:
                                             health_check_interval=10, decode_responses=True)
         self._down_until = 0.0
         self._last_log = 0.0
-        self._get_script = None
-        self._set_script = None
-        self._readings_script = None
-        self._publish_script = None
+        self._scripts: dict[str, Any] = {}  # Lua source -> redis-py Script
 
     # errors: log at most every 10 s, count every one, skip Redis for retry_after seconds
     def _failed(self, op: str, exc: Exception) -> None:
@@ -496,6 +493,18 @@ class RedisCache:
             CACHE_ERRORS.labels(op).inc()
             return False
         return True
+
+    def _run(self, op: str, source: str, keys: list, args: list) -> Any:
+        """The Lua script ``source`` on ``keys``/``args`` (registered once; redis-py loads it again if Redis lost
+        it); None after a failure, which is counted and logged (see _failed)."""
+        try:
+            script = self._scripts.get(source)
+            if script is None:
+                script = self._scripts[source] = self._client.register_script(source)
+            return script(keys=keys, args=args)
+        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
+            self._failed(op, exc)
+            return None
 
     @property
     def healthy(self) -> bool:
@@ -521,12 +530,7 @@ class RedisCache:
                 args.append(dumps(value, default=str))
             args.append("tenant")
             args.append(tenant_id)
-        try:
-            if self._set_script is None:
-                self._set_script = self._client.register_script(_SET_MANY_LUA)
-            self._set_script(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
-            self._failed("update", exc)
+        self._run("update", _SET_MANY_LUA, keys, args)
 
     def update_readings(self, items: list[tuple[int, str, dict]], seen_ms: int) -> None:
         """Each device's reading as ONE hash field (one orjson call; see the module docstring), with last_seen and
@@ -540,12 +544,7 @@ class RedisCache:
             keys.append(LATEST_PREFIX + device_id)
             args.append(tenant_id)
             args.append(dumps(reading, default=str))
-        try:
-            if self._readings_script is None:
-                self._readings_script = self._client.register_script(_SET_READINGS_LUA)
-            self._readings_script(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
-            self._failed("update", exc)
+        self._run("update", _SET_READINGS_LUA, keys, args)
 
     def get(self, device_id: str) -> dict:
         return self.get_many([device_id]).get(device_id, {})
@@ -558,12 +557,8 @@ class RedisCache:
         if not device_ids or not self._available("get"):
             return {}
         keys = [LATEST_PREFIX + d for d in device_ids]
-        try:
-            if self._get_script is None:
-                self._get_script = self._client.register_script(_GET_MANY_LUA)
-            blob = self._get_script(keys=keys, args=[*fields, *(orjson.dumps(f) for f in fields)] if fields else [])
-        except Exception as exc:  # noqa: BLE001
-            self._failed("get", exc)
+        blob = self._run("get", _GET_MANY_LUA, keys, [*fields, *(orjson.dumps(f) for f in fields)] if fields else [])
+        if blob is None:
             return {}
         try:
             values = orjson.loads(blob)
@@ -606,12 +601,8 @@ class RedisCache:
         for tenant_id, event in events:
             args.append(f"{EVENTS_PREFIX}{tenant_id}")
             args.append(dumps(event, default=str))
-        try:  # one script call, not a PUBLISH each: redis-py packs every command of a pipeline one by one
-            if self._publish_script is None:
-                self._publish_script = self._client.register_script(_PUBLISH_MANY_LUA)
-            self._publish_script(keys=[], args=args)
-        except Exception as exc:  # noqa: BLE001
-            self._failed("publish", exc)
+        # one script call, not a PUBLISH each: redis-py packs every command of a pipeline one by one
+        self._run("publish", _PUBLISH_MANY_LUA, [], args)
 
     def subscribe(self, tenant_id: int) -> _RedisSubscription:
         return _RedisSubscription(self._client, f"{EVENTS_PREFIX}{tenant_id}")
