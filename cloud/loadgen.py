@@ -157,14 +157,12 @@ class _Dev:
         self.polling_out = False  # registered for EPOLLOUT: changed only when it must (one syscall less per send)
 
     def next_mid(self) -> int:
-        mid = self.mid % 65535 + 1
-        if mid not in self.unacked:  # the usual case: the next id is free
-            self.mid = mid
-            return mid
-        for _ in range(65535):
-            self.mid = self.mid % 65535 + 1
-            if self.mid not in self.unacked:
-                return self.mid
+        mid = self.mid
+        for _ in range(65535):  # the next id is free in the usual case: one pass
+            mid = mid % 65535 + 1
+            if mid not in self.unacked:
+                self.mid = mid
+                return mid
         raise RuntimeError("no free packet id")
 
 

@@ -1131,8 +1131,10 @@ class Writer:
                 self._cached_ts.clear()
             if readings:
                 self.cache.update_readings(readings, now_ms)
-            _call(self.cache, "update_many", updates)
-            _call(self.cache, "publish_many", events)
+            if updates:
+                self.cache.update_many(updates)
+            if events:
+                self.cache.publish_many(events)
         except Exception as exc:  # noqa: BLE001 - the cache is never allowed to stop the writer
             log.warning("writer: cache update failed: %s", exc)
 
@@ -1276,18 +1278,6 @@ def _fast_reading(device_id: str, payload: bytes, max_bytes: int) -> _Reading | 
     if drop is not None and (type(drop) is not int or not 0 <= drop <= 2**63 - 1):
         return None
     return _Reading(device_id, boot, seq, ts, t, h, p, rssi, up, fw, drop or 0)
-
-
-def _call(cache, method: str, items: list) -> None:
-    if not items:
-        return
-    fn = getattr(cache, method, None)
-    if fn is not None:
-        fn(items)
-        return
-    single = "update" if method == "update_many" else "publish"
-    for args in items:
-        getattr(cache, single)(*args)
 
 
 def main() -> int:
