@@ -80,6 +80,11 @@ PLAUSIBLE_PAST_MS = 365 * 86_400_000
 PLAUSIBLE_FUTURE_MS = 86_400_000
 MAINTENANCE_EVERY_S = 3600
 ROLLUP_EVERY_S = 10.0
+# the roll-up job pauses three times as long as each slice of its work took, so it never takes more than a quarter
+# of a core at once (cloud.db.maintenance.finish_claimed_rollups); catching up, it claims at most 5 minutes at a
+# time, so the slices of one claim stay a small temporary table
+ROLLUP_PACE = 3.0
+ROLLUP_JOB_STEP = timedelta(minutes=5)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 # devices.last_seen from readings at most this often per device: with 10,000 devices at 1,500 msg/s, 5 s meant an
 # UPDATE of the devices table per reading. The cache holds the exact last_seen, and the web tier shows the newer.
@@ -1146,7 +1151,7 @@ class Writer:
         while True:
             try:
                 started = time.monotonic()
-                maintenance.advance_rollups(self.engine)
+                maintenance.advance_rollups(self.engine, step=ROLLUP_JOB_STEP, pace=ROLLUP_PACE, stop=stop)
                 ROLLUP_JOB_SECONDS.observe(time.monotonic() - started)
             except Exception as exc:  # noqa: BLE001 - nothing is lost: the next run covers the same readings
                 log.warning("writer: roll-up job failed: %s", str(exc).splitlines()[0][:200])

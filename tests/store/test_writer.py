@@ -4,6 +4,7 @@ poison records, roll-ups consistent with the raw rows, and a cache that goes awa
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -230,10 +231,14 @@ def test_writer_carries_on_when_redis_stops(tmp_path, engine_at):
         redis.close()
 
 
-def test_claim_left_by_a_dead_roll_up_job_is_finished_exactly_once(pg_url, engine_at):
+@pytest.mark.parametrize("pace, stopping", [(0.0, False), (0.01, False), (3.0, True)],
+                         ids=["one-statement", "paced-slices", "paced-slices-stopping"])
+def test_claim_left_by_a_dead_roll_up_job_is_finished_exactly_once(pg_url, engine_at, pace, stopping):
     """The roll-up job dies between its claim (the mark moved) and adding the claimed readings; meanwhile the
     writer stores more readings of the claimed range (late now: it rolls those up itself) and replays the old
-    ones. The next run adds exactly the readings the claim's snapshot shows: the roll-ups equal a rebuild."""
+    ones. The next run adds exactly the readings the claim's snapshot shows: the roll-ups equal a rebuild. The
+    same whether the run adds them in one statement or paced, slice by slice (and when told to stop meanwhile:
+    it drops the pauses, not the work)."""
     engine = engine_at(pg_url)
     provision(engine, {"A": ["d1", "d2"]})
     settings = make_settings(writer_batch_size=50)
@@ -264,7 +269,11 @@ def test_claim_left_by_a_dead_roll_up_job_is_finished_exactly_once(pg_url, engin
     with RunningWriter(writer):
         wait_for(lambda: count(engine, "SELECT count(*) FROM telemetry") == 600)
         time.sleep(0.3)
-    assert maintenance.advance_rollups(engine, until=until) == 400  # the claimed readings only
+    stop = threading.Event()
+    if stopping:
+        stop.set()
+    # the claimed readings only
+    assert maintenance.advance_rollups(engine, until=until, pace=pace, stop=stop) == 400
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT pending_lo FROM rollup_watermark").scalar() is None
     incremental = _rollups(engine)
