@@ -412,9 +412,9 @@ def finish_claimed_rollups(conn, pace: float = 0.0, stop: threading.Event | None
     (a one-minute row is still written once). A minute of 16,000 readings/s in one statement is 0.7-1.5 s of a
     backend's CPU at once (idle machine; 1.5 s when its sort spilled to disk), and in the bench's 16,000 msg/s
     steps, on a busy machine, it ran for 2-5 s while every reading stored meanwhile waited: those were the
-    window's slowest seconds. Paced (pace 3), the same minute took 3.7-5.1 s in statements
-    of 40-120 ms (12 slices, 4 merges), for 0.95-1.3 s of CPU against 0.7 s in one statement: the temporary table
-    is the price of never holding the machine for long. ``stop`` ends the pauses (not the work)."""
+    window's slowest seconds. Paced (pace 3), the same minute took 3.7-5.1 s in statements of 40-120 ms (12 slices,
+    4 merges), for 0.95-1.3 s of CPU against 0.7 s in one statement: the temporary table is the price of never
+    holding the machine for long. ``stop`` ends the pauses (not the work)."""
     if conn.exec_driver_sql("SELECT pending_lo FROM rollup_watermark WHERE id = 1").scalar() is None:
         return 0  # the usual case: no row lock taken (and no row version written) for nothing
     claim = conn.exec_driver_sql("SELECT pending_lo, pending_hi, pending_snapshot FROM rollup_watermark "
