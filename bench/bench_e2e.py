@@ -129,13 +129,19 @@ def machine_busy() -> tuple[float, float]:
 
 
 class Meter:
-    """CPU seconds and RSS of named groups of processes (``groups()`` returns {name: [pids]} when called)."""
+    """CPU seconds and RSS of named groups of processes (``groups()`` returns {name: [pids]} when called), over the
+    whole window and second by second (``per_second``: UTC "HH:MM:SS" -> {name: % of a core, "machine": %}), so the
+    window's slowest commit seconds can be shown beside what the machine did in them: that is how the roll-up job's
+    once-a-minute burst was found."""
 
     def __init__(self, groups):
         self.groups = groups
         self.t0 = 0.0
         self.cpu0: dict[str, float] = {}
         self.busy0 = (0.0, 0.0)
+        self.per_second: dict[str, dict[str, float]] = {}
+        self._done = threading.Event()
+        self._sampler: threading.Thread | None = None
 
     def _cpu(self) -> dict[str, float]:
         return {name: sum(proc_cpu(p) for p in pids) for name, pids in self.groups().items()}
@@ -144,8 +150,25 @@ class Meter:
         self.t0 = time.monotonic()
         self.cpu0 = self._cpu()
         self.busy0 = machine_busy()
+        self._done.clear()
+        self._sampler = threading.Thread(target=self._sample, name="meter", daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        prev, prev_busy, prev_t = self.cpu0, self.busy0, self.t0
+        # on the second boundaries, so that a sample covers the second the database's commit times are grouped by
+        while not self._done.wait(1 - time.time() % 1):
+            cpu, busy, now = self._cpu(), machine_busy(), time.monotonic()
+            seconds = max(now - prev_t, 1e-3)
+            sample = {name: round(100 * (value - prev.get(name, value)) / seconds) for name, value in cpu.items()}
+            sample["machine"] = round(100 * (busy[0] - prev_busy[0]) / seconds)
+            self.per_second[time.strftime("%H:%M:%S", time.gmtime(time.time() - 0.5))] = sample
+            prev, prev_busy, prev_t = cpu, busy, now
 
     def stop(self) -> dict:
+        self._done.set()
+        if self._sampler is not None:
+            self._sampler.join(5)
         seconds = time.monotonic() - self.t0
         cpu = self._cpu()
         busy = machine_busy()
@@ -416,7 +439,7 @@ def window_stats(engine, boot: int, t0_ms: int, t1_ms: int) -> dict:
     # where the tail comes from: the commit seconds of the window with the slowest rows (a periodic stall shows
     # as evenly spaced seconds, overload as a run of them)
     worst_q = text("""
-        SELECT to_char(date_trunc('second', c), 'HH24:MI:SS') AS at, count(*) AS n, max(lat) AS worst
+        SELECT to_char(date_trunc('second', c) AT TIME ZONE 'UTC', 'HH24:MI:SS') AS at, count(*) AS n, max(lat) AS worst
         FROM (SELECT pg_xact_commit_timestamp(xmin) AS c,
                      extract(epoch FROM pg_xact_commit_timestamp(xmin) - ts) * 1000 AS lat
               FROM telemetry
@@ -704,6 +727,8 @@ def run(args) -> dict:
             usage = meter.stop()
             time.sleep(args.settle)
             w = window_stats(stack.engine, fleet.boot, t0_ms, t1_ms)
+            for worst in w["worst_seconds"]:  # what the machine did in those seconds (None: outside the samples)
+                worst["cpu_pct"] = meter.per_second.get(worst["at"])
             w.update(freshness(stack.engine, fleet.boot), acked_total=fleet.acked())
             seconds = (t1_ms - t0_ms) / 1000
             published = acked1 - acked0
@@ -731,6 +756,12 @@ def run(args) -> dict:
                   flush=True)
             print("  slowest commit seconds: " + ", ".join(f"{x['at']} {x['max_ms']:.0f} ms ({x['rows']} rows)"
                                                          for x in w["worst_seconds"]), flush=True)
+            for x in w["worst_seconds"]:
+                cpu = x["cpu_pct"]
+                if cpu:
+                    top = sorted(((v, k) for k, v in cpu.items() if k != "machine"), reverse=True)[:4]
+                    print(f"    {x['at']} UTC: machine {cpu['machine']} %; "
+                          + ", ".join(f"{k} {v}" for v, k in top), flush=True)
             if not step["holds"]:
                 break
             best = step
