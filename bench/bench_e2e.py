@@ -137,14 +137,23 @@ class Meter:
     def __init__(self, groups):
         self.groups = groups
         self.t0 = 0.0
-        self.cpu0: dict[str, float] = {}
+        self.cpu0: dict[str, dict[int, float]] = {}
         self.busy0 = (0.0, 0.0)
         self.per_second: dict[str, dict[str, float]] = {}
         self._done = threading.Event()
         self._sampler: threading.Thread | None = None
 
-    def _cpu(self) -> dict[str, float]:
-        return {name: sum(proc_cpu(p) for p in pids) for name, pids in self.groups().items()}
+    def _cpu(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of every process of every group, by pid."""
+        return {name: {pid: proc_cpu(pid) for pid in pids} for name, pids in self.groups().items()}
+
+    @staticmethod
+    def _used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        """CPU seconds each group used between two _cpu() readings, process by process: a process that exited
+        meanwhile (an autovacuum worker, a PostgreSQL backend) drops out instead of taking its whole CPU time off
+        the group's figure, and one that started meanwhile counts from its start."""
+        return {name: sum(seconds - before.get(name, {}).get(pid, 0.0) for pid, seconds in procs.items())
+                for name, procs in after.items()}
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -160,7 +169,7 @@ class Meter:
         while not self._done.wait(1 - time.time() % 1):
             cpu, busy, now = self._cpu(), machine_busy(), time.monotonic()
             seconds = max(now - prev_t, 1e-3)
-            sample = {name: round(100 * (value - prev.get(name, value)) / seconds) for name, value in cpu.items()}
+            sample = {name: round(100 * used / seconds) for name, used in self._used(prev, cpu).items()}
             sample["machine"] = round(100 * (busy[0] - prev_busy[0]) / seconds)
             self.per_second[time.strftime("%H:%M:%S", time.gmtime(time.time() - 0.5))] = sample
             prev, prev_busy, prev_t = cpu, busy, now
@@ -172,9 +181,9 @@ class Meter:
         seconds = time.monotonic() - self.t0
         cpu = self._cpu()
         busy = machine_busy()
-        groups = self.groups()
-        out = {name: {"cpu_pct": round(100 * (cpu.get(name, 0) - self.cpu0.get(name, 0)) / seconds, 1),
-                      "rss_mb": round(sum(proc_rss(p) for p in pids) / 2**20, 1)} for name, pids in groups.items()}
+        used = self._used(self.cpu0, cpu)
+        out = {name: {"cpu_pct": round(100 * used[name] / seconds, 1),
+                      "rss_mb": round(sum(proc_rss(p) for p in procs) / 2**20, 1)} for name, procs in cpu.items()}
         machine = 100 * (busy[0] - self.busy0[0]) / seconds
         ours = sum(v["cpu_pct"] for v in out.values())
         out["other (not ours)"] = {"cpu_pct": round(max(0.0, machine - ours), 1), "rss_mb": None}

@@ -450,7 +450,7 @@ def finish_claimed_rollups(conn, pace: float = 0.0, stop: threading.Event | None
             conn.exec_driver_sql(_ADD_PART_SQL, {"lo": start, "hi": min(start + ROLLUP_SLICE, hi), "snap": snapshot})
             start += ROLLUP_SLICE
             breathe(began)
-        conn.exec_driver_sql("SET LOCAL enable_seqscan = on")  # a merge reads the whole temporary table
+        conn.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")  # a merge reads the whole temporary table
         added = 0
         for part in range(ROLLUP_MERGE_PARTS):
             began = time.monotonic()
