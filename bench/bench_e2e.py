@@ -128,14 +128,69 @@ def machine_busy() -> tuple[float, float]:
     return (sum(parts) - idle) / CLK, sum(parts) / CLK
 
 
+class PostgresWatch:
+    """What PostgreSQL did beside the writer's inserts, sampled once a second: statements running longer than
+    ``slow_ms``, autovacuum workers (table and phase) and a checkpoint being written. A /tmp sampler of this kind
+    named the roll-up job's one long statement as the cause of the 16,000 msg/s steps' slowest seconds."""
+
+    # the checkpointer waits in CheckpointerMain between checkpoints; any other wait means one is being written
+    SQL = """
+        SELECT a.backend_type, extract(epoch FROM now() - a.query_start) AS running_s, a.wait_event,
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query, v.phase, c.relname
+        FROM pg_stat_activity a
+        LEFT JOIN pg_stat_progress_vacuum v ON v.pid = a.pid
+        LEFT JOIN pg_class c ON c.oid = v.relid
+        WHERE a.pid <> pg_backend_pid()
+          AND ((a.backend_type = 'client backend' AND a.state = 'active'
+                AND now() - a.query_start > make_interval(secs => %(slow_s)s))
+               OR a.backend_type = 'autovacuum worker'
+               OR (a.backend_type = 'checkpointer' AND a.wait_event IS DISTINCT FROM 'CheckpointerMain'))"""
+
+    def __init__(self, dsn: str, slow_ms: float = 150.0):
+        self.dsn = dsn
+        self.slow_s = slow_ms / 1000
+        self._conn = None
+
+    def sample(self) -> list[str]:
+        """One short line per thing PostgreSQL is busy with now (empty: only the inserts). A failed sample says so
+        and reconnects next time: the bench goes on without it."""
+        import psycopg
+
+        try:
+            if self._conn is None:
+                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
+            rows = self._conn.execute(self.SQL, {"slow_s": self.slow_s}).fetchall()
+        except psycopg.Error as exc:
+            self.close()
+            return [f"(no PostgreSQL sample: {type(exc).__name__})"]
+        out = []
+        for kind, running_s, wait_event, query, phase, table in rows:
+            if kind == "checkpointer":
+                out.append(f"checkpoint ({wait_event})")
+            elif kind == "autovacuum worker":
+                out.append(f"autovacuum {table or '?'} ({phase or 'starting'}, {running_s or 0:.1f} s)")
+            else:
+                out.append(f"statement {running_s:.2f} s: {query}")
+        return out
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._conn = None
+
+
 class Meter:
     """CPU seconds and RSS of named groups of processes (``groups()`` returns {name: [pids]} when called), over the
-    whole window and second by second (``per_second``: UTC "HH:MM:SS" -> {name: % of a core, "machine": %}), so the
-    window's slowest commit seconds can be shown beside what the machine did in them: that is how the roll-up job's
-    once-a-minute burst was found."""
+    whole window and second by second (``per_second``: UTC "HH:MM:SS" -> {name: % of a core, "machine": %, and
+    "postgresql_busy": what ``watch`` (a PostgresWatch) saw}), so the window's slowest commit seconds can be shown
+    beside what the machine did in them: that is how the roll-up job's once-a-minute burst was found."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, watch: PostgresWatch | None = None):
         self.groups = groups
+        self.watch = watch
         self.t0 = 0.0
         self.cpu0: dict[str, dict[int, float]] = {}
         self.busy0 = (0.0, 0.0)
@@ -171,6 +226,8 @@ class Meter:
             seconds = max(now - prev_t, 1e-3)
             sample = {name: round(100 * used / seconds) for name, used in self._used(prev, cpu).items()}
             sample["machine"] = round(100 * (busy[0] - prev_busy[0]) / seconds)
+            if self.watch is not None:
+                sample["postgresql_busy"] = self.watch.sample()
             self.per_second[time.strftime("%H:%M:%S", time.gmtime(time.time() - 0.5))] = sample
             prev, prev_busy, prev_t = cpu, busy, now
 
@@ -662,7 +719,7 @@ def run(args) -> dict:
     print(f"bench-e2e: {args.devices:,} synthetic devices + {args.firmware} firmware, {os.cpu_count()} CPUs, "
           f"work dir {workdir}", flush=True)
     stack = Stack(workdir, secure=not args.anonymous, env=dict(e.split("=", 1) for e in args.env))
-    fleet = firmware = watch = None
+    fleet = firmware = watch = pg_watch = None
     result: dict = {"bench": "e2e", "quick": args.quick, "cpu_count": os.cpu_count(), "devices": args.devices,
                     "firmware_devices": args.firmware, "started": datetime.now(timezone.utc).isoformat(),
                     "service_env": dict(e.split("=", 1) for e in args.env), "lag_bound_ms": args.lag_bound}
@@ -721,6 +778,10 @@ def run(args) -> dict:
                 g["firmware"] = [d.process.pid for d in firmware if d.alive()]
             return g
 
+        from psycopg.conninfo import make_conninfo
+
+        # as the superuser: the iot role would not see autovacuum's work
+        pg_watch = PostgresWatch(make_conninfo(stack.pg.admin_dsn, dbname=stack.pg.database))
         fleet.go()
         steps = []
         best = None
@@ -728,7 +789,7 @@ def run(args) -> dict:
             fleet.set_rate(rate)
             print(f"phase 2: {rate:,} msg/s: warm-up {args.warmup:.0f} s, window {args.window:.0f} s ...", flush=True)
             time.sleep(args.warmup)
-            meter = Meter(groups)
+            meter = Meter(groups, pg_watch)
             meter.start()
             t0_ms, acked0 = int(time.time() * 1000), fleet.acked()
             time.sleep(args.window)
@@ -768,9 +829,12 @@ def run(args) -> dict:
             for x in w["worst_seconds"]:
                 cpu = x["cpu_pct"]
                 if cpu:
-                    top = sorted(((v, k) for k, v in cpu.items() if k != "machine"), reverse=True)[:4]
+                    top = sorted(((v, k) for k, v in cpu.items() if k not in ("machine", "postgresql_busy")),
+                                 reverse=True)[:4]
                     print(f"    {x['at']} UTC: machine {cpu['machine']} %; "
                           + ", ".join(f"{k} {v}" for v, k in top), flush=True)
+                    for busy in cpu.get("postgresql_busy") or ():
+                        print(f"      PostgreSQL: {busy}", flush=True)
             if not step["holds"]:
                 break
             best = step
@@ -795,6 +859,8 @@ def run(args) -> dict:
             if svc.proc.poll() is not None:
                 result.setdefault("service_exits", {})[name] = svc.proc.returncode
     finally:
+        if pg_watch is not None:
+            pg_watch.close()
         if watch is not None:
             watch.close()
         if fleet is not None:
