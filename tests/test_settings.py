@@ -31,6 +31,7 @@ def test_production_values():
     ({"IOT_MQTT_URL": "http://x"}, "IOT_MQTT_URL: expected a URL starting with mqtt:// or mqtts://"),
     ({"IOT_KAFKA_BOOTSTRAP": "kafka"}, "IOT_KAFKA_BOOTSTRAP: expected host:port"),
     ({"IOT_PROFILE": "prod"}, "IOT_PROFILE: expected one of embedded, production"),
+    ({"IOT_KAFKA_COMPRESSION": "lz5"}, "IOT_KAFKA_COMPRESSION: expected one of none, lz4, zstd, snappy, gzip"),
     ({"IOT_TOPIC_ALARMS": "bad topic!"}, "IOT_TOPIC_ALARMS: expected a Kafka topic name"),
     ({"IOT_PROFILE": "production"}, "IOT_MQTT_URL: required when IOT_PROFILE=production"),
     ({"IOT_TOPIC_ALARMS": "iot-sensordata"}, "two topics have the same name"),

@@ -132,7 +132,7 @@ def from_settings(settings: Settings) -> Bus:
     if settings.kafka_bootstrap:
         from cloud.bus.kafka import KafkaBus
 
-        return KafkaBus(settings.kafka_bootstrap)
+        return KafkaBus(settings.kafka_bootstrap, compression=settings.kafka_compression)
     if settings.production:
         raise BusError("production profile needs IOT_KAFKA_BOOTSTRAP")
     from cloud.bus.memory import MemoryBus
