@@ -136,10 +136,10 @@ class PostgresWatch:
     # the checkpointer waits in CheckpointerMain between checkpoints; any other wait means one is being written
     SQL = """
         SELECT a.backend_type, extract(epoch FROM now() - a.query_start) AS running_s, a.wait_event,
-               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query, v.phase, c.relname
+               left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query, coalesce(v.phase, n.phase) AS phase
         FROM pg_stat_activity a
         LEFT JOIN pg_stat_progress_vacuum v ON v.pid = a.pid
-        LEFT JOIN pg_class c ON c.oid = v.relid
+        LEFT JOIN pg_stat_progress_analyze n ON n.pid = a.pid
         WHERE a.pid <> pg_backend_pid()
           AND ((a.backend_type = 'client backend' AND a.state = 'active'
                 AND now() - a.query_start > make_interval(secs => %(slow_s)s))
@@ -164,14 +164,24 @@ class PostgresWatch:
             self.close()
             return [f"(no PostgreSQL sample: {type(exc).__name__})"]
         out = []
-        for kind, running_s, wait_event, query, phase, table in rows:
+        for kind, running_s, wait_event, query, phase in rows:
             if kind == "checkpointer":
                 out.append(f"checkpoint ({wait_event})")
-            elif kind == "autovacuum worker":
-                out.append(f"autovacuum {table or '?'} ({phase or 'starting'}, {running_s or 0:.1f} s)")
+            elif kind == "autovacuum worker":  # its query names the work: "autovacuum: ANALYZE public.telemetry_p..."
+                out.append(f"{query or 'autovacuum: starting'} ({phase or '-'}, {running_s or 0:.1f} s)")
             else:
                 out.append(f"statement {running_s:.2f} s: {query}")
         return out
+
+    @staticmethod
+    def share(samples) -> dict[str, int]:
+        """Of the per-second samples (Meter.per_second's values), the % in which PostgreSQL was writing a
+        checkpoint, running an autovacuum, or running a statement longer than ``slow_ms``. A spread checkpoint
+        (checkpoint_completion_target 0.9) is being written most of the time, so a slow second beside one only
+        means something if checkpoints are rare in the window."""
+        busy = [sample.get("postgresql_busy") or () for sample in samples]
+        return {kind: round(100 * sum(any(b.startswith(kind) for b in x) for x in busy) / max(len(busy), 1))
+                for kind in ("checkpoint", "autovacuum", "statement")}
 
     def close(self) -> None:
         if self._conn is not None:
@@ -808,6 +818,7 @@ def run(args) -> dict:
                     "alarm_events": len(alarm_lat),
                     "alarm_p50_ms": _pct(alarm_lat, 0.50), "alarm_p95_ms": _pct(alarm_lat, 0.95),
                     "alarm_p99_ms": _pct(alarm_lat, 0.99), "usage": usage}
+            step["postgresql_busy_pct"] = pg_watch.share(meter.per_second.values())
             step["holds"] = bool(published >= 0.97 * rate * seconds and w["stored"] >= 0.99 * published
                                  and w["p99_ms"] == w["p99_ms"] and w["p99_ms"] <= args.lag_bound)
             steps.append(step)
@@ -826,6 +837,8 @@ def run(args) -> dict:
                   flush=True)
             print("  slowest commit seconds: " + ", ".join(f"{x['at']} {x['max_ms']:.0f} ms ({x['rows']} rows)"
                                                          for x in w["worst_seconds"]), flush=True)
+            print("  PostgreSQL beside the inserts, % of the window's seconds: " + ", ".join(
+                f"{k} {v}" for k, v in step["postgresql_busy_pct"].items()), flush=True)
             for x in w["worst_seconds"]:
                 cpu = x["cpu_pct"]
                 if cpu:
