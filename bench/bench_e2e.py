@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cloud import nativestack  # noqa: E402
+from cloud.db import maintenance  # noqa: E402
 from cloud.loadgen import SyntheticFleet, expected_alarm_seqs, synthetic_ids  # noqa: E402
 from cloud.passwords import hash_device_password  # noqa: E402
 
@@ -129,13 +130,15 @@ def machine_busy() -> tuple[float, float]:
 
 
 class PostgresWatch:
-    """What PostgreSQL did beside the writer's inserts, sampled once a second: statements running longer than
-    ``slow_ms``, autovacuum workers (table and phase) and a checkpoint being written. A /tmp sampler of this kind
-    named the roll-up job's one long statement as the cause of the 16,000 msg/s steps' slowest seconds."""
+    """What PostgreSQL did beside the writer's inserts, sampled once a second: the roll-up job (its connection's
+    application_name), other statements running longer than ``slow_ms``, autovacuum workers (their work and phase)
+    and a checkpoint being written. A /tmp sampler of this kind named the roll-up job's one long statement as the
+    cause of the 16,000 msg/s steps' slowest seconds."""
 
     # the checkpointer waits in CheckpointerMain between checkpoints; any other wait means one is being written
     SQL = """
-        SELECT a.backend_type, extract(epoch FROM now() - a.query_start) AS running_s, a.wait_event,
+        SELECT a.backend_type, a.application_name = %(rollups)s AS rollup_job, a.state,
+               extract(epoch FROM now() - a.query_start) AS running_s, a.wait_event,
                left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query, coalesce(v.phase, n.phase) AS phase
         FROM pg_stat_activity a
         LEFT JOIN pg_stat_progress_vacuum v ON v.pid = a.pid
@@ -143,6 +146,7 @@ class PostgresWatch:
         WHERE a.pid <> pg_backend_pid()
           AND ((a.backend_type = 'client backend' AND a.state = 'active'
                 AND now() - a.query_start > make_interval(secs => %(slow_s)s))
+               OR (a.application_name = %(rollups)s AND a.state <> 'idle')
                OR a.backend_type = 'autovacuum worker'
                OR (a.backend_type = 'checkpointer' AND a.wait_event IS DISTINCT FROM 'CheckpointerMain'))"""
 
@@ -159,13 +163,17 @@ class PostgresWatch:
         try:
             if self._conn is None:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-            rows = self._conn.execute(self.SQL, {"slow_s": self.slow_s}).fetchall()
+            rows = self._conn.execute(self.SQL, {"slow_s": self.slow_s,
+                                                 "rollups": maintenance.ROLLUP_APPLICATION_NAME}).fetchall()
         except psycopg.Error as exc:
             self.close()
             return [f"(no PostgreSQL sample: {type(exc).__name__})"]
         out = []
-        for kind, running_s, wait_event, query, phase in rows:
-            if kind == "checkpointer":
+        for kind, rollup_job, state, running_s, wait_event, query, phase in rows:
+            if rollup_job:  # any of its statements, however short, and its paced pauses
+                out.append(f"roll-up job: {query} ({running_s:.2f} s)" if state == "active"
+                           else "roll-up job: pausing")
+            elif kind == "checkpointer":
                 out.append(f"checkpoint ({wait_event})")
             elif kind == "autovacuum worker":  # its query names the work: "autovacuum: ANALYZE public.telemetry_p..."
                 out.append(f"{query or 'autovacuum: starting'} ({phase or '-'}, {running_s or 0:.1f} s)")
@@ -176,12 +184,13 @@ class PostgresWatch:
     @staticmethod
     def share(samples) -> dict[str, int]:
         """Of the per-second samples (Meter.per_second's values), the % in which PostgreSQL was writing a
-        checkpoint, running an autovacuum, or running a statement longer than ``slow_ms``. A spread checkpoint
-        (checkpoint_completion_target 0.9) is being written most of the time, so a slow second beside one only
-        means something if checkpoints are rare in the window."""
+        checkpoint, running an autovacuum, running the writer's roll-up job (a statement or a pause), or running
+        another statement longer than ``slow_ms``. A spread checkpoint (checkpoint_completion_target 0.9) is being
+        written most of the time, so a slow second beside one only means something if checkpoints are rare in the
+        window."""
         busy = [sample.get("postgresql_busy") or () for sample in samples]
         return {kind: round(100 * sum(any(b.startswith(kind) for b in x) for x in busy) / max(len(busy), 1))
-                for kind in ("checkpoint", "autovacuum", "statement")}
+                for kind in ("checkpoint", "autovacuum", "roll-up job", "statement")}
 
     def close(self) -> None:
         if self._conn is not None:

@@ -225,6 +225,9 @@ ROLLUP_GRANULE = timedelta(minutes=1)  # whole minutes: a one-minute roll-up row
 ROLLUP_STEP = timedelta(hours=1)  # at most this much time per job transaction (catching up after a stop)
 ROLLUP_SLICE = timedelta(seconds=5)  # a paced finish aggregates this much ts per statement (finish_claimed_rollups)
 ROLLUP_MERGE_PARTS = 4  # ... and adds that to the roll-ups in this many statements, each for a part of the devices
+# the job's connection is named this (pg_stat_activity.application_name) while it works, so monitoring can tell its
+# statements and paced pauses ("idle in transaction") from the writer's inserts (bench_e2e's PostgresWatch does)
+ROLLUP_APPLICATION_NAME = "iot-rollups"
 
 _COLUMNS = ("device_id, bucket, tenant_id, n, t_n, t_sum, t_min, t_max, h_n, h_sum, h_min, h_max, "
             "p_n, p_sum, p_min, p_max")
@@ -329,19 +332,29 @@ def advance_rollups(engine: Engine, until: datetime | None = None, now: datetime
     if until is None:
         until = _floor((now or datetime.now(timezone.utc)) - ROLLUP_GRACE, ROLLUP_GRANULE)
     with engine.connect() as conn:
-        summarize_claimed_range(conn)
-        total = finish_claimed_rollups(conn, pace, stop)
+        conn.exec_driver_sql(f"SET application_name = '{ROLLUP_APPLICATION_NAME}'")
         conn.commit()
-        while True:
-            with conn.begin():
-                hi = claim_rollups(conn, until, step)
-            if hi is None:
-                return total
+        try:
             summarize_claimed_range(conn)
-            total += finish_claimed_rollups(conn, pace, stop)
+            total = finish_claimed_rollups(conn, pace, stop)
             conn.commit()
-            if hi >= until:
-                return total
+            while True:
+                with conn.begin():
+                    hi = claim_rollups(conn, until, step)
+                if hi is None:
+                    return total
+                summarize_claimed_range(conn)
+                total += finish_claimed_rollups(conn, pace, stop)
+                conn.commit()
+                if hi >= until:
+                    return total
+        finally:
+            try:  # the pooled connection goes back to the writer's batches under its own name
+                conn.rollback()  # a step an error interrupted: the next run redoes it
+                conn.exec_driver_sql("RESET application_name")
+                conn.commit()
+            except Exception:  # noqa: BLE001 - a broken connection: the pool discards it, name and all
+                pass
 
 
 _TS_INDEX_OF = ("SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid "

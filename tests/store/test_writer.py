@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloud import db, schema
+from cloud.bus import Record
 from cloud.bus.memory import MemoryBus
 from cloud.cache import MemoryCache, RedisCache
 from cloud.db import maintenance, repo
@@ -280,6 +281,36 @@ def test_claim_left_by_a_dead_roll_up_job_is_finished_exactly_once(pg_url, engin
     assert sum(row[1] for row in incremental["telemetry_1h"]) == 600
     maintenance.refresh_rollups(engine, mark - timedelta(hours=1), until + timedelta(hours=1))
     assert _rollups(engine) == incremental
+
+
+def test_roll_up_job_names_its_connection_while_it_works(pg_url, engine_at):
+    """While the job works (statements and paced pauses) its backend carries ROLLUP_APPLICATION_NAME, which is how
+    monitoring tells it from the writer's inserts; the pooled connection loses the name when the job is done."""
+    engine = engine_at(pg_url)
+    provision(engine, {"A": ["d1"]})
+    start = (int(time.time()) // 3600 * 3600 - 3 * 3600) * 1000
+    mark = datetime.fromtimestamp(start / 1000, timezone.utc)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE rollup_watermark SET done_until = %(m)s", {"m": mark})
+    settings = make_settings()
+    writer = Writer(settings, MemoryBus(), engine, MemoryCache())
+    assert writer.process([Record(settings.topics.telemetry, 0, seq, "d1", reading("d1", 1, seq, start + seq * 9_000),
+                                  None, start) for seq in range(400)], commit=lambda records: None)
+    job = threading.Thread(target=maintenance.advance_rollups, args=(engine,),
+                           kwargs={"until": mark + timedelta(hours=1), "pace": 0.5})
+    states = set()
+    job.start()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+        while job.is_alive():
+            states.update(watcher.exec_driver_sql(
+                "SELECT state FROM pg_stat_activity WHERE application_name = %(n)s",
+                {"n": maintenance.ROLLUP_APPLICATION_NAME}).scalars())
+            time.sleep(0.005)
+    job.join()
+    assert {"active", "idle in transaction"} <= states  # a statement, and a pause between two
+    with engine.connect() as conn:  # the pool's connection is the job's (one was in use), under its own name again
+        assert conn.exec_driver_sql("SHOW application_name").scalar() != maintenance.ROLLUP_APPLICATION_NAME
+    assert sum(row[1] for row in _rollups(engine)["telemetry_1h"]) == 400
 
 
 @pytest.mark.parametrize("xmax8, xmin32, expected", [
