@@ -57,6 +57,9 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import make_conninfo
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -135,6 +138,8 @@ class PostgresWatch:
     and a checkpoint being written. A /tmp sampler of this kind named the roll-up job's one long statement as the
     cause of the 16,000 msg/s steps' slowest seconds."""
 
+    KINDS = ("checkpoint", "autovacuum", "roll-up job", "statement")  # what sample() tells apart
+
     # the checkpointer waits in CheckpointerMain between checkpoints; any other wait means one is being written
     SQL = """
         SELECT a.backend_type, a.application_name = %(rollups)s AS rollup_job, a.state,
@@ -155,11 +160,9 @@ class PostgresWatch:
         self.slow_s = slow_ms / 1000
         self._conn = None
 
-    def sample(self) -> list[str]:
-        """One short line per thing PostgreSQL is busy with now (empty: only the inserts). A failed sample says so
-        and reconnects next time: the bench goes on without it."""
-        import psycopg
-
+    def sample(self) -> list[tuple[str, str]]:
+        """(kind, one short line) per thing PostgreSQL is busy with now, kind one of KINDS (empty: only the
+        inserts). A failed sample says so (kind "error") and reconnects next time: the bench goes on without it."""
         try:
             if self._conn is None:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
@@ -167,18 +170,19 @@ class PostgresWatch:
                                                  "rollups": maintenance.ROLLUP_APPLICATION_NAME}).fetchall()
         except psycopg.Error as exc:
             self.close()
-            return [f"(no PostgreSQL sample: {type(exc).__name__})"]
+            return [("error", f"no PostgreSQL sample: {type(exc).__name__}")]
         out = []
         for kind, rollup_job, state, running_s, wait_event, query, phase in rows:
             if rollup_job:  # any of its statements, however short, and its paced pauses
-                out.append(f"roll-up job: {query} ({running_s:.2f} s)" if state == "active"
-                           else "roll-up job: pausing")
+                out.append(("roll-up job", f"roll-up job: {query} ({running_s:.2f} s)" if state == "active"
+                            else "roll-up job: pausing"))
             elif kind == "checkpointer":
-                out.append(f"checkpoint ({wait_event})")
+                out.append(("checkpoint", f"checkpoint ({wait_event})"))
             elif kind == "autovacuum worker":  # its query names the work: "autovacuum: ANALYZE public.telemetry_p..."
-                out.append(f"{query or 'autovacuum: starting'} ({phase or '-'}, {running_s or 0:.1f} s)")
+                work = query or "autovacuum: starting"
+                out.append(("autovacuum", f"{work} ({phase or '-'}, {running_s or 0:.1f} s)"))
             else:
-                out.append(f"statement {running_s:.2f} s: {query}")
+                out.append(("statement", f"statement {running_s:.2f} s: {query}"))
         return out
 
     @staticmethod
@@ -188,9 +192,9 @@ class PostgresWatch:
         another statement longer than ``slow_ms``. A spread checkpoint (checkpoint_completion_target 0.9) is being
         written most of the time, so a slow second beside one only means something if checkpoints are rare in the
         window."""
-        busy = [sample.get("postgresql_busy") or () for sample in samples]
-        return {kind: round(100 * sum(any(b.startswith(kind) for b in x) for x in busy) / max(len(busy), 1))
-                for kind in ("checkpoint", "autovacuum", "roll-up job", "statement")}
+        kinds = [{kind for kind, _ in sample.get("postgresql_busy") or ()} for sample in samples]
+        return {kind: round(100 * sum(kind in x for x in kinds) / max(len(kinds), 1))
+                for kind in PostgresWatch.KINDS}
 
     def close(self) -> None:
         if self._conn is not None:
@@ -797,8 +801,6 @@ def run(args) -> dict:
                 g["firmware"] = [d.process.pid for d in firmware if d.alive()]
             return g
 
-        from psycopg.conninfo import make_conninfo
-
         # as the superuser: the iot role would not see autovacuum's work
         pg_watch = PostgresWatch(make_conninfo(stack.pg.admin_dsn, dbname=stack.pg.database))
         fleet.go()
@@ -855,7 +857,7 @@ def run(args) -> dict:
                                  reverse=True)[:4]
                     print(f"    {x['at']} UTC: machine {cpu['machine']} %; "
                           + ", ".join(f"{k} {v}" for v, k in top), flush=True)
-                    for busy in cpu.get("postgresql_busy") or ():
+                    for _, busy in cpu.get("postgresql_busy") or ():
                         print(f"      PostgreSQL: {busy}", flush=True)
             if not step["holds"]:
                 break

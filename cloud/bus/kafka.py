@@ -24,7 +24,6 @@ PRODUCER_DEFAULTS = {
     "acks": "all",
     "linger.ms": 20,
     "batch.num.messages": 10_000,
-    "compression.type": "none",  # IOT_KAFKA_COMPRESSION (Settings.kafka_compression) says why
     "queue.buffering.max.messages": 200_000,
     "message.timeout.ms": 120_000,  # a record waits up to 2 min for Kafka to come back before failing
 }
@@ -48,17 +47,17 @@ def _record(msg) -> Record:
 
 
 class KafkaBus:
-    """``compression``: the producers' ``compression.type`` (None: PRODUCER_DEFAULTS'); ``extra``: librdkafka
-    settings for producers and consumers alike."""
+    """``compression``: the producers' ``compression.type`` (Settings.kafka_compression says why its default is
+    none); ``extra``: librdkafka settings for producers and consumers alike."""
 
-    def __init__(self, bootstrap: str, *, compression: str | None = None, **extra: object):
+    def __init__(self, bootstrap: str, *, compression: str = Settings.kafka_compression, **extra: object):
         self.bootstrap = bootstrap
         self.compression = compression
         self.extra = dict(extra)
 
     def producer(self, name: str = "", **overrides: object) -> "KafkaProducer":
         conf = {"bootstrap.servers": self.bootstrap, "client.id": name or "iot", **PRODUCER_DEFAULTS,
-                **({"compression.type": self.compression} if self.compression else {}), **self.extra, **overrides}
+                "compression.type": self.compression, **self.extra, **overrides}
         return KafkaProducer(conf)
 
     def consumer(self, group: str, topics: list[str], name: str = "", **overrides: object) -> "KafkaConsumer":

@@ -308,8 +308,9 @@ def test_roll_up_job_names_its_connection_while_it_works(pg_url, engine_at):
             time.sleep(0.005)
     job.join()
     assert {"active", "idle in transaction"} <= states  # a statement, and a pause between two
-    with engine.connect() as conn:  # the pool's connection is the job's (one was in use), under its own name again
-        assert conn.exec_driver_sql("SHOW application_name").scalar() != maintenance.ROLLUP_APPLICATION_NAME
+    with engine.connect() as conn:  # the job's connection is back in the pool (idle), under its own name again
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %(n)s",
+                                    {"n": maintenance.ROLLUP_APPLICATION_NAME}).scalar() == 0
     assert sum(row[1] for row in _rollups(engine)["telemetry_1h"]) == 400
 
 
