@@ -1106,13 +1106,8 @@ class Writer:
                 if ts_ms < cached_get(device_id, 0):
                     continue  # an old reading (backlog replay) must not replace a newer one
                 cached[device_id] = ts_ms
-                reading = {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms, "seq": seq, "boot": boot, "up": up}
-                event = reading.copy()  # a copy of a dict is cheaper than a second display of it
-                event["last_seen"] = now_ms
-                event["type"] = "reading"
-                event["device"] = device_id
-                readings.append((tenant_id, device_id, reading))
-                events.append((tenant_id, event))
+                readings.append((tenant_id, device_id, {"t": t, "h": h, "p": p, "rssi": rssi, "ts": ts_ms,
+                                                        "seq": seq, "boot": boot, "up": up}))
             for outcome in outcomes:
                 for item, status in outcome.statuses:
                     seen = item.record.timestamp_ms or int(time.time() * 1000)
@@ -1134,8 +1129,8 @@ class Writer:
                                                "state": event.state, "ts": event.ts}))
             if len(self._cached_ts) > 1_000_000:
                 self._cached_ts.clear()
-            if readings:
-                self.cache.update_readings(readings, now_ms)
+            if readings:  # their live events go with them (LatestCache.publish_readings)
+                self.cache.publish_readings(readings, now_ms)
             if updates:
                 self.cache.update_many(updates)
             if events:

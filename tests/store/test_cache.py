@@ -67,7 +67,7 @@ def test_memory_cache_get_many_with_fields():
 
 
 def test_a_reading_is_one_field_and_reads_back_flat(redis):
-    """update_readings stores a reading as one JSON field beside last_seen and tenant; readers get one flat dict
+    """publish_readings stores a reading as one JSON field beside last_seen and tenant; readers get one flat dict
     with the status fields set field by field, a newer reading replaces the older one whole, and a reading's field
     wins over a stale top-level field of the same name (a hash written before the reading was one field)."""
     cache = RedisCache(redis.url, ttl_s=60)
@@ -75,7 +75,7 @@ def test_a_reading_is_one_field_and_reads_back_flat(redis):
     reading = {"t": 0.1 + 0.2, "h": 41.0, "p": None, "rssi": -60, "ts": 1_796_400_000_123, "seq": 2**40, "boot": 3,
                "up": 9}
     raw.hset(LATEST_PREFIX + "one-2", mapping={"t": "99.0", "seq": "1"})  # the old layout's stale fields
-    cache.update_readings([(5, "one-1", reading), (6, "one-2", {"t": 1e-7, "seq": 2})], 1_796_400_000_500)
+    cache.publish_readings([(5, "one-1", reading), (6, "one-2", {"t": 1e-7, "seq": 2})], 1_796_400_000_500)
     cache.update_many([(5, "one-1", {"status": "online, really", "fw": "1.2.3"})])
     assert raw.hgetall(LATEST_PREFIX + "one-1") == {
         "reading": orjson.dumps(reading).decode(), "last_seen": "1796400000500", "tenant": "5",
@@ -89,10 +89,44 @@ def test_a_reading_is_one_field_and_reads_back_flat(redis):
                                                                  "one-2": {"t": 1e-7}}
     assert cache._get_many_slow(["one-1", "one-2"]) == cache.get_many(["one-1", "one-2"])  # the fallback agrees
     assert cache._get_many_slow(["one-1"], ("t", "status")) == cache.get_many(["one-1"], ("t", "status"))
-    cache.update_readings([(5, "one-1", {"t": 22.25, "seq": 7})], 1_796_400_001_000)
+    cache.publish_readings([(5, "one-1", {"t": 22.25, "seq": 7})], 1_796_400_001_000)
     assert cache.get("one-1") == {"t": 22.25, "seq": 7, "last_seen": 1_796_400_001_000, "tenant": 5,
                                   "status": "online, really", "fw": "1.2.3"}
     memory = MemoryCache()  # the demo's cache answers the same
-    memory.update_readings([(5, "one-1", reading)], 1_796_400_000_500)
+    memory.publish_readings([(5, "one-1", reading)], 1_796_400_000_500)
     memory.update_many([(5, "one-1", {"status": "online, really", "fw": "1.2.3"})])
     assert memory.get("one-1") == whole
+
+
+def test_each_stored_reading_is_published_as_its_live_event(redis):
+    """publish_readings puts every reading on its tenant's channel as a "reading" event: the reading's fields,
+    the device and last_seen, valid JSON whatever the device id holds and when the reading is empty; the demo's
+    cache publishes the same events."""
+    cache = RedisCache(redis.url)
+    readings = [(41, "ev-1", {"t": 21.25, "h": None, "ts": 1_796_400_000_123, "seq": 2**40}),
+                (42, "ev-2", {"t": -3.5}),
+                (41, 'ev-"odd"\\', {}),  # not a valid device id, but the event must stay valid JSON
+                (41, "ev-1", {"t": 21.5, "seq": 2**40 + 1})]
+    expected_41 = [{"type": "reading", "device": d, "last_seen": 1_796_400_000_500, **r}
+                   for t, d, r in readings if t == 41]
+    subscriptions = {41: cache.subscribe(41), 42: cache.subscribe(42)}
+    memory = MemoryCache()
+    memory_subscription = memory.subscribe(41)
+    try:
+        time.sleep(0.2)  # the subscriptions are confirmed by then on loopback
+        cache.publish_readings(readings, 1_796_400_000_500)
+        memory.publish_readings(readings, 1_796_400_000_500)
+        got: dict[int, list] = {41: [], 42: []}
+        deadline = time.monotonic() + 5
+        while (len(got[41]) < 3 or len(got[42]) < 1) and time.monotonic() < deadline:
+            for tenant, subscription in subscriptions.items():
+                event = subscription.get(timeout=0.1)
+                if event is not None:
+                    got[tenant].append(event)
+        assert got[41] == expected_41
+        assert got[42] == [{"type": "reading", "device": "ev-2", "last_seen": 1_796_400_000_500, "t": -3.5}]
+        assert [memory_subscription.get(timeout=1) for _ in range(3)] == expected_41
+        assert cache.get("ev-1")["seq"] == 2**40 + 1
+    finally:
+        for subscription in (*subscriptions.values(), memory_subscription):
+            subscription.close()

@@ -98,9 +98,9 @@ class _RecordingCache(MemoryCache):
         self.calls.append(("update_many", list(items)))
         super().update_many(items)
 
-    def update_readings(self, items, seen_ms):
-        self.calls.append(("update_readings", list(items)))
-        super().update_readings(items, seen_ms)
+    def publish_readings(self, items, seen_ms):
+        self.calls.append(("publish_readings", list(items)))
+        super().publish_readings(items, seen_ms)
 
     def publish_many(self, events):
         self.calls.append(("publish_many", list(events)))
@@ -108,14 +108,15 @@ class _RecordingCache(MemoryCache):
 
 
 def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite_url, engine_at):
-    """Outcomes that queued behind the cache thread go in one readings update and one publish call: per device the
-    newest reading of all of them, an older one (a replay stored later) never replaces it, and the stage ends at
-    None after caching what came before it."""
+    """Outcomes that queued behind the cache thread go in one call, which stores and publishes the readings: per
+    device the newest reading of all of them, an older one (a replay stored later) never replaces it, and the
+    stage ends at None after caching what came before it."""
     import queue
 
     from cloud.writer import Outcome
 
     cache = _RecordingCache()
+    live = cache.subscribe(7)
     writer = Writer(make_settings(), MemoryBus(), engine_at(sqlite_url), cache)
 
     def stored(*rows):  # (device, ts ms, seq) -> a stored batch's outcome
@@ -130,11 +131,14 @@ def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite
     stage.start()
     stage.join(10)
     assert not stage.is_alive(), "the cache stage must end at None"
-    assert [name for name, _ in cache.calls] == ["update_readings", "publish_many"]
+    assert [name for name, _ in cache.calls] == ["publish_readings"]
     updates = {device: fields["seq"] for _, device, fields in cache.calls[0][1]}
     assert updates == {"d1": 3, "d2": 1, "d3": 9}
     assert cache.get("d1")["seq"] == 3 and cache.get("d1")["tenant"] == 7
-    assert sorted(e["device"] for _, e in cache.calls[1][1]) == ["d1", "d2", "d3"]
+    events = [live.get(timeout=1) for _ in range(3)]
+    assert sorted((e["type"], e["device"], e["seq"]) for e in events) == [
+        ("reading", "d1", 3), ("reading", "d2", 1), ("reading", "d3", 9)]
+    assert live.get(timeout=0.05) is None
 
     outcomes.put(stored(("d1", 2_500, 2)))  # later, on its own: still older than what is cached
     outcomes.put(None)
