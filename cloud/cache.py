@@ -450,7 +450,7 @@ return #KEYS
 # KEYS: one latest-values hash per device. ARGV: the TTL (0: none), last_seen, the length of LATEST_PREFIX, the
 # events channel prefix, then per key its tenant and its reading as one JSON object. The live event is that same
 # JSON with type, device and last_seen put in front, so the writer encodes and sends each reading once (a second
-# JSON document per reading for the event, and its packing by redis-py, were a fifth of the writer's time).
+# JSON document per reading for the event, and its packing by redis-py, were about a tenth of the writer's CPU).
 _PUBLISH_READINGS_LUA = """
 local ttl = tonumber(ARGV[1])
 local seen = ARGV[2]
