@@ -451,20 +451,30 @@ return #KEYS
 # events channel prefix, then per key its tenant and its reading as one JSON object. The live event is that same
 # JSON with type, device and last_seen put in front, so the writer encodes and sends each reading once (a second
 # JSON document per reading for the event, and its packing by redis-py, were about a tenth of the writer's CPU).
+# It is built and published only for tenants whose channel has a subscriber (asked once per tenant and call): most
+# tenants have no dashboard open, and a client that subscribes a moment later loads the current state anyway.
 _PUBLISH_READINGS_LUA = """
 local ttl = tonumber(ARGV[1])
 local seen = ARGV[2]
 local id_from = tonumber(ARGV[3]) + 1
-local channel = ARGV[4]
+local prefix = ARGV[4]
 local head = '{"type":"reading","device":'
+local watched = {}
 for i, key in ipairs(KEYS) do
   local tenant, reading = ARGV[2 * i + 3], ARGV[2 * i + 4]
   redis.call('HSET', key, 'reading', reading, 'last_seen', seen, 'tenant', tenant)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-  local rest = '}'
-  if #reading > 2 then rest = ',' .. string.sub(reading, 2) end
-  redis.call('PUBLISH', channel .. tenant,
-             head .. cjson.encode(string.sub(key, id_from)) .. ',"last_seen":' .. seen .. rest)
+  local channel = prefix .. tenant
+  local listeners = watched[tenant]
+  if listeners == nil then
+    listeners = redis.call('PUBSUB', 'NUMSUB', channel)[2]
+    watched[tenant] = listeners
+  end
+  if listeners > 0 then
+    local rest = '}'
+    if #reading > 2 then rest = ',' .. string.sub(reading, 2) end
+    redis.call('PUBLISH', channel, head .. cjson.encode(string.sub(key, id_from)) .. ',"last_seen":' .. seen .. rest)
+  end
 end
 return #KEYS
 """

@@ -100,11 +100,14 @@ def test_a_reading_is_one_field_and_reads_back_flat(redis):
 
 def test_each_stored_reading_is_published_as_its_live_event(redis):
     """publish_readings puts every reading on its tenant's channel as a "reading" event: the reading's fields,
-    the device and last_seen, valid JSON whatever the device id holds and when the reading is empty; the demo's
-    cache publishes the same events."""
+    the device and last_seen, valid JSON whatever the device id holds and when the reading is empty; a tenant
+    nobody subscribed to gets no PUBLISH (its readings are stored all the same); the demo's cache publishes the
+    same events."""
     cache = RedisCache(redis.url)
+    raw = redis_lib.Redis.from_url(redis.url)
     readings = [(41, "ev-1", {"t": 21.25, "h": None, "ts": 1_796_400_000_123, "seq": 2**40}),
                 (42, "ev-2", {"t": -3.5}),
+                (43, "ev-3", {"t": 19.0}),  # nobody listens to tenant 43
                 (41, 'ev-"odd"\\', {}),  # not a valid device id, but the event must stay valid JSON
                 (41, "ev-1", {"t": 21.5, "seq": 2**40 + 1})]
     expected_41 = [{"type": "reading", "device": d, "last_seen": 1_796_400_000_500, **r}
@@ -114,7 +117,10 @@ def test_each_stored_reading_is_published_as_its_live_event(redis):
     memory_subscription = memory.subscribe(41)
     try:
         time.sleep(0.2)  # the subscriptions are confirmed by then on loopback
+        publishes = raw.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
         cache.publish_readings(readings, 1_796_400_000_500)
+        assert raw.info("commandstats")["cmdstat_publish"]["calls"] - publishes == 4  # not for tenant 43
+        assert cache.get("ev-3") == {"t": 19.0, "last_seen": 1_796_400_000_500, "tenant": 43}
         memory.publish_readings(readings, 1_796_400_000_500)
         got: dict[int, list] = {41: [], 42: []}
         deadline = time.monotonic() + 5
