@@ -13,7 +13,8 @@ the reading's; a reading's field wins over a top-level one of the same name. The
 it is written for every reading stored: an HSET of ten fields cost Redis 2.5 us per reading, and a script had to
 split them. Pub/sub channel ``iot:events:<tenant id>`` carries JSON events such as
 ``{"type":"reading","device":..,"t":..}``, ``{"type":"status",...}``, ``{"type":"command",...}``,
-``{"type":"alarm",...}``.
+``{"type":"alarm",...}``; reading events (most of them) are built and published only while the channel itself
+has a subscriber (SUBSCRIBE, as the web tier does; a pattern subscription does not count).
 """
 
 from __future__ import annotations
