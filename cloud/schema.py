@@ -21,8 +21,9 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 VERSION = 1
@@ -252,41 +253,55 @@ def parse_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD
     )
 
 
-_T_LO, _T_HI = LIMITS["t"]
-_H_LO, _H_HI = LIMITS["h"]
-_P_LO, _P_HI = LIMITS["p"]
+class PlainTelemetry(msgspec.Struct, frozen=True, gc=False):
+    """A telemetry message as :func:`plain_telemetry` decodes it: the attributes of :class:`Telemetry`, with the
+    contract's types and ranges declared on the fields, so msgspec checks them while it decodes (in C, one pass,
+    no intermediate dict). ``drop`` is None when the message does not carry it."""
+
+    v: Literal[1]  # VERSION
+    id: str
+    boot: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+    ts: Annotated[int, msgspec.Meta(ge=946_684_800_000, le=4_102_444_800_000)] | None = None
+    t: Annotated[float, msgspec.Meta(ge=LIMITS["t"][0], le=LIMITS["t"][1])] | None = None
+    h: Annotated[float, msgspec.Meta(ge=LIMITS["h"][0], le=LIMITS["h"][1])] | None = None
+    p: Annotated[float, msgspec.Meta(ge=LIMITS["p"][0], le=LIMITS["p"][1])] | None = None
+    rssi: Annotated[int, msgspec.Meta(ge=RSSI_RANGE[0], le=RSSI_RANGE[1])] | None = None
+    up: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    fw: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    drop: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+
+
+_decode_plain = msgspec.json.Decoder(PlainTelemetry).decode
+_PLAIN_REFUSED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+
+
+def plain_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> PlainTelemetry | None:
+    """The fast path of :func:`parse_telemetry` for what devices send (plain ASCII JSON): the message, or None to
+    say "ask parse_telemetry", which then accepts or rejects with its own reason, so the contract's verdicts and
+    reasons stay defined in one place. Never accepts what parse_telemetry rejects (tests/fuzz and
+    tests/store/test_writer_fast_paths.py check that on every odd value); it may defer what parse_telemetry
+    accepts (``"v": true``, a ``null`` drop, escapes, non-ASCII text, ...).
+
+    Only ASCII without a backslash is taken: then no string can hold NUL, a lone surrogate or invalid UTF-8
+    (msgspec does not look at the UTF-8 of fields it skips). Duplicate keys: the last one counts, as in
+    parse_telemetry. On a reading, ~0.3 us against ~1.6-1.9 us for orjson plus the same checks in Python."""
+    if len(payload) > max_bytes or not payload.isascii() or b"\\" in payload:
+        return None
+    try:
+        msg = _decode_plain(payload)
+    except _PLAIN_REFUSED:
+        return None
+    if msg.id != device_id or (msg.t is None and msg.h is None and msg.p is None):
+        return None
+    return msg
 
 
 def check_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
-    """Validate a telemetry payload by exactly the rules of :func:`parse_telemetry` without building the
-    Telemetry (the bridge only needs the verdict). Raises Rejected with parse_telemetry's reason.
-
-    The fast path accepts only payloads whose every checked field has the right type and range; anything else,
-    including whatever it is unsure about, is decided by parse_telemetry itself."""
-    # (a long integer that orjson reads as a float fails the type or range test below, so no _LONG_DIGITS here)
-    if len(payload) <= max_bytes and b"\\u" not in payload:
-        try:
-            d = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            d = None
-        if type(d) is dict and d.get("v") == VERSION and d.get("id") == device_id:
-            t, h, p = d.get("t"), d.get("h"), d.get("p")
-            boot, seq, ts = d.get("boot"), d.get("seq"), d.get("ts")
-            rssi, up, fw, drop = d.get("rssi"), d.get("up"), d.get("fw"), d.get("drop")
-            # NaN fails every comparison, so a non-finite value never passes a range test
-            if ((t is not None or h is not None or p is not None)
-                    and (t is None or (type(t) in (float, int) and _T_LO <= t <= _T_HI))
-                    and (h is None or (type(h) in (float, int) and _H_LO <= h <= _H_HI))
-                    and (p is None or (type(p) in (float, int) and _P_LO <= p <= _P_HI))
-                    and type(boot) is int and 0 <= boot <= 2**31 - 1
-                    and type(seq) is int and 0 <= seq <= 2**53
-                    and (ts is None or (type(ts) is int and 946_684_800_000 <= ts <= 4_102_444_800_000))
-                    and (rssi is None or (type(rssi) is int and RSSI_RANGE[0] <= rssi <= RSSI_RANGE[1]))
-                    and (up is None or (type(up) is int and 0 <= up <= 2**63 - 1))
-                    and (fw is None or (type(fw) is str and len(fw) <= 32))
-                    and (drop is None or (type(drop) is int and 0 <= drop <= 2**63 - 1))):
-                return
-    parse_telemetry(device_id, payload, max_bytes)
+    """Validate a telemetry payload by exactly the rules of :func:`parse_telemetry` (the bridge only needs the
+    verdict). Raises Rejected with parse_telemetry's reason."""
+    if plain_telemetry(device_id, payload, max_bytes) is None:
+        parse_telemetry(device_id, payload, max_bytes)
 
 
 # --- status -----------------------------------------------------------------------------------------------

@@ -110,7 +110,6 @@ ROLLUP_JOB_SECONDS = Histogram("iot_writer_rollup_job_seconds", "Time of one rol
 LAG_SECONDS = Histogram("iot_writer_lag_seconds", "Bus record timestamp -> database commit",
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
 UNMATCHED = Counter("iot_writer_unmatched_total", "Acks / command states for commands not in the database")
-_json_loads = orjson.loads  # the fast path only: anything orjson refuses goes to schema.parse_telemetry
 PAUSED = Gauge("iot_writer_paused", "1 while the writer waits for the database to come back")
 
 
@@ -562,7 +561,7 @@ class Writer:
         rejected: list[tuple[Record, str]] = []
         unknown = False  # some device not in the in-process tenant map (yet)
         devices = self._devices
-        append, fast, telemetry_topic = items.append, _fast_reading, t.telemetry
+        append, fast, telemetry_topic = items.append, schema.plain_telemetry, t.telemetry
         for record in records:
             try:
                 if record.topic == telemetry_topic:
@@ -1192,92 +1191,6 @@ def _observe_many(histogram: Histogram, values: list[float]) -> None:
     total.inc(sum(values))
     for index, n in counts.items():
         buckets[min(index, len(buckets) - 1)].inc(n)
-
-
-_T_LO, _T_HI = schema.LIMITS["t"]
-_H_LO, _H_HI = schema.LIMITS["h"]
-_P_LO, _P_HI = schema.LIMITS["p"]
-_RSSI_LO, _RSSI_HI = schema.RSSI_RANGE
-_NUMBER = (float, int)
-_VERSION = schema.VERSION
-
-
-class _Reading:
-    """A reading as the writer uses it: the attributes of ``schema.Telemetry`` in a plain slotted object. (Building
-    the frozen dataclass -- one ``object.__setattr__`` per field -- was a sixth of the writer's time.)"""
-
-    __slots__ = ("id", "boot", "seq", "ts", "t", "h", "p", "rssi", "up", "fw", "drop")
-
-    def __init__(self, id, boot, seq, ts, t, h, p, rssi, up, fw, drop):  # noqa: A002 - schema.Telemetry's name
-        self.id = id
-        self.boot = boot
-        self.seq = seq
-        self.ts = ts
-        self.t = t
-        self.h = h
-        self.p = p
-        self.rssi = rssi
-        self.up = up
-        self.fw = fw
-        self.drop = drop
-
-
-def _fast_telemetry(device_id: str, payload: bytes, max_bytes: int) -> schema.Telemetry | None:
-    """``_fast_reading`` as a ``schema.Telemetry`` (what the tests compare with ``schema.parse_telemetry``)."""
-    r = _fast_reading(device_id, payload, max_bytes)
-    return None if r is None else schema.Telemetry(r.id, r.boot, r.seq, r.ts, r.t, r.h, r.p, r.rssi, r.up, r.fw,
-                                                   r.drop)
-
-
-def _metric(value: Any, lo: float, hi: float) -> float | None:
-    """A present t / h / p as a float within [lo, hi], else None. Floats first (what devices send); an int is
-    accepted and stored as a float; anything else (bool, str, ...) is refused."""
-    if value.__class__ is float:
-        return value if lo <= value <= hi else None
-    if value.__class__ is int and lo <= value <= hi:
-        return float(value)
-    return None
-
-
-def _fast_reading(device_id: str, payload: bytes, max_bytes: int) -> _Reading | None:
-    """``schema.parse_telemetry`` for a plain, valid reading, without its per-field helper calls: the same checks,
-    inlined. Anything unusual (escapes, NaN, a wrong type or range, a missing field, ...) returns None and the
-    caller uses ``schema.parse_telemetry``, which then accepts or rejects with its own reason, so the contract
-    stays defined in one place."""
-    if len(payload) > max_bytes or b"\\" in payload or b"\x00" in payload:
-        return None
-    try:
-        data = _json_loads(payload)
-    except ValueError:  # orjson.JSONDecodeError (also invalid UTF-8)
-        return None
-    if type(data) is not dict or data.get("v") != _VERSION or data.get("id") != device_id:
-        return None
-    get = data.get
-    t, h, p, rssi = get("t"), get("h"), get("p"), get("rssi")
-    boot, seq, ts, up, fw, drop = get("boot"), get("seq"), get("ts"), get("up"), get("fw"), get("drop")
-    if t is not None and (t := _metric(t, _T_LO, _T_HI)) is None:
-        return None
-    if h is not None and (h := _metric(h, _H_LO, _H_HI)) is None:
-        return None
-    if p is not None and (p := _metric(p, _P_LO, _P_HI)) is None:
-        return None
-    if t is None and h is None and p is None:
-        return None
-    if rssi is not None and (type(rssi) is not int or not _RSSI_LO <= rssi <= _RSSI_HI):
-        return None
-    if type(boot) is not int or not 0 <= boot <= 2**31 - 1:
-        return None
-    if type(seq) is not int or not 0 <= seq <= 2**53:
-        return None
-    if ts is not None and (type(ts) is not int or not 946_684_800_000 <= ts <= 4_102_444_800_000):
-        return None
-    if up is not None and (type(up) is not int or not 0 <= up <= 2**63 - 1):
-        return None
-    if fw is not None and (type(fw) is not str or len(fw) > 32):
-        return None
-    if drop is not None and (type(drop) is not int or not 0 <= drop <= 2**63 - 1):
-        return None
-    return _Reading(device_id, boot, seq, ts, t, h, p, rssi, up, fw, drop or 0)
 
 
 def main() -> int:
