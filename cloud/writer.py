@@ -355,6 +355,8 @@ class Writer:
         # threshold a young collection ran several times per batch (~85 a second at 10,000 msg/s, 0.7 ms each)
         # and pushed live batches into the old generations, which then filled and were walked in full
         raise_gc_threshold()
+        if self.postgres:
+            self._check_collation()
         t = self.topics
         self.consumer = self.bus.consumer(self.group, [t.telemetry, t.status, t.acks, t.command_status, t.alarms],
                                           name="writer")
@@ -422,6 +424,15 @@ class Writer:
                     log.warning("writer: close failed: %s", exc)
         if failure:
             raise failure[0]
+
+    def _check_collation(self) -> None:
+        try:
+            advice = maintenance.collation_advice(self.engine)
+        except Exception as exc:  # noqa: BLE001 - the database may not be up yet; the writer waits for it anyway
+            log.debug("writer: could not read the database collation: %s", exc)
+            return
+        if advice:
+            log.warning("writer: %s", advice)
 
     def _store_stage(self, handoff: queue.Queue, stored: queue.SimpleQueue, stop: threading.Event,
                      failure: list[BaseException], idle: threading.Event | None = None) -> None:

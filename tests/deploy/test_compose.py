@@ -344,3 +344,10 @@ def test_mosquitto_accepts_the_shipped_config(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_database_is_created_with_the_c_collation(services):
+    """Like the tests' and benchmarks' PostgreSQL (cloud.nativestack runs initdb --locale=C): the writer's insert cost
+    depends on it (cloud.db.maintenance.collation_advice)."""
+    args = shlex.split(services["postgres"]["environment"]["POSTGRES_INITDB_ARGS"])
+    assert "--locale=C" in args and "--encoding=UTF8" in args

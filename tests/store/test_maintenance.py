@@ -95,3 +95,29 @@ def test_sessions_run_in_utc_whatever_the_server_default(pg_url, engine_at):
         assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
         bucket = conn.exec_driver_sql("SELECT date_trunc('hour', timestamptz '2030-06-15 12:40:00+00')").scalar()
     assert bucket == datetime(2030, 6, 15, 12, 0, tzinfo=timezone.utc)
+
+
+def test_collation_advice_names_a_linguistic_database_collation(postgres, pg_url, engine_at, sqlite_url, caplog):
+    """C (what the tests' server and deploy/compose.yaml use): no advice. A database whose default collation is a
+    locale's (ICU here: it needs no OS locale installed) gets a warning naming it, which the writer logs at start."""
+    import psycopg
+
+    from cloud.settings import Settings
+    from cloud.writer import Writer
+
+    assert maintenance.collation_advice(engine_at(pg_url)) is None
+    assert maintenance.collation_advice(engine_at(sqlite_url)) is None
+    name = "icu_" + pg_url.rsplit("_", 1)[-1]
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE 'C' LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    try:
+        engine = engine_at(pg_url.rsplit("/", 1)[0] + "/" + name)
+        advice = maintenance.collation_advice(engine)
+        assert advice is not None and "en-US" in advice and "locale provider 'i'" in advice
+        with caplog.at_level("WARNING", logger="cloud.writer"):
+            Writer(Settings(), None, engine, None)._check_collation()
+        assert advice in caplog.text
+        engine.dispose()
+    finally:
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
