@@ -258,7 +258,7 @@ class PlainTelemetry(msgspec.Struct, frozen=True, gc=False):
     contract's types and ranges declared on the fields, so msgspec checks them while it decodes (in C, one pass,
     no intermediate dict). ``drop`` is None when the message does not carry it."""
 
-    v: Literal[1]  # VERSION
+    v: Literal[1]  # VERSION (the fast path would defer every reading if they parted; the tests would fail)
     id: str
     boot: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -285,7 +285,7 @@ def plain_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD
 
     Only ASCII without a backslash is taken: then no string can hold NUL, a lone surrogate or invalid UTF-8
     (msgspec does not look at the UTF-8 of fields it skips). Duplicate keys: the last one counts, as in
-    parse_telemetry. On a reading, ~0.3 us against ~1.6-1.9 us for orjson plus the same checks in Python."""
+    parse_telemetry. On a reading, ~0.6 us against ~1.6-1.9 us for orjson plus the same checks in Python."""
     if len(payload) > max_bytes or not payload.isascii() or b"\\" in payload:
         return None
     try:

@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg import errors as psycopg_errors
 from sqlalchemy import Engine, bindparam, func, select, text, tuple_, update
