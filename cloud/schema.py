@@ -36,6 +36,12 @@ LIMITS = {
     "p": (300.0, 1100.0),
 }
 RSSI_RANGE = (-130, 0)
+# the other bounds of the contract's fields, for parse_telemetry / parse_status and PlainTelemetry alike
+BOOT_MAX = 2**31 - 1  # the device's boot counter
+SEQ_MAX = 2**53  # exact in a JSON number read as a double
+TS_RANGE = (946_684_800_000, 4_102_444_800_000)  # unix ms: 2000-01-01 .. 2100-01-01
+COUNT_MAX = 2**63 - 1  # up, drop: PostgreSQL bigint
+FW_MAX_LEN = 32
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 TOPIC = re.compile(r"^devices/([^/]+)/(telemetry|status|acks|commands)$")
@@ -168,7 +174,7 @@ def _number(data: dict[str, Any], key: str, *, required: bool = True, lo: float 
 
 
 def _integer(data: dict[str, Any], key: str, *, required: bool = True, lo: int = 0,
-             hi: int = 2**63 - 1) -> int | None:
+             hi: int = COUNT_MAX) -> int | None:
     value = data.get(key)
     if value is None:
         if required:
@@ -243,12 +249,12 @@ def parse_telemetry(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD
     rssi = _integer(data, "rssi", required=False, lo=RSSI_RANGE[0], hi=RSSI_RANGE[1])
     return Telemetry(
         id=device_id,
-        boot=_integer(data, "boot", hi=2**31 - 1),  # type: ignore[arg-type]
-        seq=_integer(data, "seq", hi=2**53),  # type: ignore[arg-type]
-        ts=_integer(data, "ts", required=False, lo=946_684_800_000, hi=4_102_444_800_000),
+        boot=_integer(data, "boot", hi=BOOT_MAX),  # type: ignore[arg-type]
+        seq=_integer(data, "seq", hi=SEQ_MAX),  # type: ignore[arg-type]
+        ts=_integer(data, "ts", required=False, lo=TS_RANGE[0], hi=TS_RANGE[1]),
         t=t, h=h, p=p, rssi=rssi,
         up=_integer(data, "up", required=False),
-        fw=_string(data, "fw", required=False, max_len=32),
+        fw=_string(data, "fw", required=False, max_len=FW_MAX_LEN),
         drop=_integer(data, "drop", required=False) or 0,
     )
 
@@ -260,16 +266,16 @@ class PlainTelemetry(msgspec.Struct, frozen=True, gc=False):
 
     v: Literal[1]  # VERSION (the fast path would defer every reading if they parted; the tests would fail)
     id: str
-    boot: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
-    seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
-    ts: Annotated[int, msgspec.Meta(ge=946_684_800_000, le=4_102_444_800_000)] | None = None
+    boot: Annotated[int, msgspec.Meta(ge=0, le=BOOT_MAX)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=SEQ_MAX)]
+    ts: Annotated[int, msgspec.Meta(ge=TS_RANGE[0], le=TS_RANGE[1])] | None = None
     t: Annotated[float, msgspec.Meta(ge=LIMITS["t"][0], le=LIMITS["t"][1])] | None = None
     h: Annotated[float, msgspec.Meta(ge=LIMITS["h"][0], le=LIMITS["h"][1])] | None = None
     p: Annotated[float, msgspec.Meta(ge=LIMITS["p"][0], le=LIMITS["p"][1])] | None = None
     rssi: Annotated[int, msgspec.Meta(ge=RSSI_RANGE[0], le=RSSI_RANGE[1])] | None = None
-    up: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
-    fw: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    drop: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    up: Annotated[int, msgspec.Meta(ge=0, le=COUNT_MAX)] | None = None
+    fw: Annotated[str, msgspec.Meta(max_length=FW_MAX_LEN)] | None = None
+    drop: Annotated[int, msgspec.Meta(ge=0, le=COUNT_MAX)] | None = None
 
 
 _decode_plain = msgspec.json.Decoder(PlainTelemetry).decode
@@ -323,8 +329,8 @@ def parse_status(device_id: str, payload: bytes, max_bytes: int = MAX_PAYLOAD_BY
         raise Rejected(f"field 'state' must be one of {', '.join(STATUS_STATES)}, got {state!r}")
     return Status(
         id=device_id, state=state,
-        boot=_integer(data, "boot", required=False, hi=2**31 - 1),
-        fw=_string(data, "fw", required=False, max_len=32),
+        boot=_integer(data, "boot", required=False, hi=BOOT_MAX),
+        fw=_string(data, "fw", required=False, max_len=FW_MAX_LEN),
         ts=_integer(data, "ts", required=False),
     )
 

@@ -830,7 +830,7 @@ class Writer:
         seen: set[tuple[str, int, int]] = set()
         add = seen.add
         for item, ts, rec in timed:
-            m: schema.Telemetry = item.message
+            m: schema.Telemetry | schema.PlainTelemetry = item.message  # the slow parse's or the fast one's
             device_id = item.device_id
             key = (device_id, m.boot, m.seq)
             if key in seen:  # the same reading twice in one batch
