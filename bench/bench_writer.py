@@ -90,7 +90,7 @@ class TimedWriter(Writer):
             return
         import cProfile
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)  # CPU time of the thread: waits (locks, sockets) do not count
         profiler.enable()
         try:
             yield

@@ -14,7 +14,9 @@ it is written for every reading stored: an HSET of ten fields cost Redis 2.5 us 
 split them. Pub/sub channel ``iot:events:<tenant id>`` carries JSON events such as
 ``{"type":"reading","device":..,"t":..}``, ``{"type":"status",...}``, ``{"type":"command",...}``,
 ``{"type":"alarm",...}``; reading events (most of them) are built and published only while the channel itself
-has a subscriber (SUBSCRIBE, as the web tier does; a pattern subscription does not count).
+has a subscriber (SUBSCRIBE, as the web tier does; a pattern subscription does not count). The writer sends the
+readings of watched tenants with every batch, and those of tenants nobody watches newest per device at most every
+``IOT_CACHE_FLUSH_MS`` (cloud.writer.Writer._cache_stage); ``watched_tenants`` tells it which are which.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class LatestCache(Protocol):
     def publish(self, tenant_id: int, event: dict) -> None: ...
 
     def publish_many(self, events: list[tuple[int, dict]]) -> None: ...
+
+    def watched_tenants(self) -> set[int] | None:
+        """The tenants whose event channel has a subscriber now, or None when that is not known (then the writer
+        treats every tenant as watched)."""
 
     def subscribe(self, tenant_id: int) -> Subscription: ...
 
@@ -207,6 +213,9 @@ class MemoryCache:
     def publish_many(self, events: list[tuple[int, dict]]) -> None:
         for tenant_id, event in events:
             self.publish(tenant_id, event)
+
+    def watched_tenants(self) -> None:
+        return None  # a dict update costs nothing worth saving: the writer gives this cache every reading at once
 
     def subscribe(self, tenant_id: int) -> _MemorySubscription:
         sub = _MemorySubscription(self, tenant_id)
@@ -626,6 +635,19 @@ class RedisCache:
             args.append(dumps(event, default=str))
         # one script call, not a PUBLISH each: redis-py packs every command of a pipeline one by one
         self._run("publish", _PUBLISH_MANY_LUA, [], args)
+
+    def watched_tenants(self) -> set[int] | None:
+        """Tenants whose channel has a subscriber (``PUBSUB CHANNELS``: exact subscriptions, as the web tier makes
+        them); None while Redis is failing."""
+        if not self._available("watched"):
+            return None
+        try:
+            channels = self._client.pubsub_channels(EVENTS_PREFIX + "*")
+        except Exception as exc:  # noqa: BLE001 - the cache must never stop the caller
+            self._failed("watched", exc)
+            return None
+        start = len(EVENTS_PREFIX)
+        return {int(channel[start:]) for channel in channels if channel[start:].isdigit()}
 
     def subscribe(self, tenant_id: int) -> _RedisSubscription:
         return _RedisSubscription(self._client, f"{EVENTS_PREFIX}{tenant_id}")

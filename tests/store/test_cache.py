@@ -136,3 +136,27 @@ def test_each_stored_reading_is_published_as_its_live_event(redis):
     finally:
         for subscription in (*subscriptions.values(), memory_subscription):
             subscription.close()
+
+
+def test_watched_tenants_are_the_channels_with_a_subscriber(redis):
+    """watched_tenants names exactly the tenants whose event channel has a subscriber now (as the web tier
+    subscribes), and None while Redis is failing; the demo's cache answers None (it takes every reading at once)."""
+    cache = RedisCache(redis.url)
+    raw = redis_lib.Redis.from_url(redis.url)
+    other = raw.pubsub()
+    other.subscribe("iot:events:not-a-tenant", "another:channel")
+    assert cache.watched_tenants() == set()
+    subscriptions = [cache.subscribe(61), cache.subscribe(62)]
+    try:
+        assert cache.watched_tenants() == {61, 62}
+        subscriptions.pop().close()
+        deadline = time.monotonic() + 5
+        while cache.watched_tenants() != {61} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cache.watched_tenants() == {61}
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+        other.close()
+    assert RedisCache("redis://127.0.0.1:1/0", socket_timeout=0.2).watched_tenants() is None
+    assert MemoryCache().watched_tenants() is None

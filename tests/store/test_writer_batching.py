@@ -144,3 +144,87 @@ def test_cache_stage_takes_queued_batches_in_one_call_newest_reading_wins(sqlite
     outcomes.put(None)
     writer._cache_stage(outcomes)
     assert cache.get("d1")["seq"] == 3
+
+
+class _WatchedCache(_RecordingCache):
+    """A cache that tells which tenants are watched (as RedisCache does)."""
+
+    def __init__(self, watched):
+        super().__init__()
+        self.watched = watched
+
+    def watched_tenants(self):
+        return self.watched
+
+
+def test_cache_stage_holds_back_readings_of_unwatched_tenants_until_the_flush(sqlite_url, engine_at):
+    """With cache_flush_ms, a reading of a tenant nobody watches waits for the next flush (newest per device,
+    flushed on time even when no batch comes), while a watched tenant's reading and every status go at once; at
+    the end everything held is written; a held reading never replaces a newer one already cached."""
+    import queue
+    import time
+
+    from cloud import schema
+    from cloud.bus import Record
+    from cloud.writer import Item, Outcome
+
+    cache = _WatchedCache({7})
+    writer = Writer(make_settings(cache_flush_ms=400), MemoryBus(), engine_at(sqlite_url), cache)
+
+    def stored(tenant, *rows):
+        return Outcome(inserted=[(d, tenant, ts, 20.0, 40.0, 1000.0, -60, seq, 1, seq) for d, ts, seq in rows])
+
+    def readings_sent():
+        return [{d: f["seq"] for _t, d, f in items} for name, items in cache.calls if name == "publish_readings"]
+
+    outcomes: queue.SimpleQueue = queue.SimpleQueue()
+    stage = threading.Thread(target=writer._cache_stage, args=(outcomes,), daemon=True)
+    stage.start()
+    outcomes.put(stored(7, ("w1", 1_000, 1)))  # the first call flushes (nothing is held yet)
+    deadline = time.monotonic() + 5
+    while not readings_sent() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert readings_sent() == [{"w1": 1}]
+    started = time.monotonic()
+    outcomes.put(stored(8, ("u1", 1_000, 1), ("u2", 1_000, 1)))
+    outcomes.put(stored(8, ("u1", 2_000, 2)))
+    status = schema.Status(id="s1", state="online", fw="1.0", boot=1)
+    record = Record("iot-status", 0, 0, "s1", b"", None, 1_000)
+    outcomes.put(Outcome(inserted=[(d, t, ts, 20.0, 40.0, 1000.0, -60, seq, 1, seq)
+                                   for d, t, ts, seq in (("w1", 7, 2_000, 2), ("u3", 8, 900, 1))],
+                         statuses=[(Item(record, "status", status, "s1", 8), status)]))
+    while len(readings_sent()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert readings_sent()[1] == {"w1": 2}, "a watched tenant's reading goes with its batch"
+    assert cache.get("s1")["status"] == "online", "statuses are not held back"
+    assert cache.get("u1") == {} and time.monotonic() - started < 0.4
+    while len(readings_sent()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert readings_sent()[2] == {"u1": 2, "u2": 1, "u3": 1}, "held readings: the newest per device, in one call"
+    assert 0.2 < time.monotonic() - started < 2.0, "flushed on time without another batch"
+
+    cache.watched = None  # the cache cannot tell (Redis failing): everything goes at once again
+    outcomes.put(stored(8, ("u1", 1_500, 3)))  # older than the cached ts 2_000: must not replace it
+    outcomes.put(stored(8, ("u4", 1_000, 1)))
+    outcomes.put(None)
+    stage.join(10)
+    assert not stage.is_alive()
+    assert readings_sent()[3:] == [{"u4": 1}] and cache.get("u1")["seq"] == 2
+
+    # the end writes what is held
+    writer = Writer(make_settings(cache_flush_ms=60_000), MemoryBus(), engine_at(sqlite_url), cache)
+    cache.watched = set()
+    cache.calls.clear()
+    stage = threading.Thread(target=writer._cache_stage, args=(outcomes,), daemon=True)
+    stage.start()
+    outcomes.put(stored(8, ("u5", 1_000, 1)))  # the first call flushes
+    deadline = time.monotonic() + 5
+    while not readings_sent() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    outcomes.put(stored(8, ("u6", 1_000, 1)))
+    time.sleep(0.3)
+    assert readings_sent() == [{"u5": 1}], "u6 is held (the next flush is a minute away)"
+    outcomes.put(None)
+    stage.join(10)
+    assert not stage.is_alive()
+    assert readings_sent() == [{"u5": 1}, {"u6": 1}]
