@@ -221,6 +221,10 @@ class Meter:
         self.cpu0: dict[str, dict[int, float]] = {}
         self.busy0 = (0.0, 0.0)
         self.per_second: dict[str, dict[str, float]] = {}
+        # the seconds sampled after the window (usage() until stop(): the settle time), where the slowest commits
+        # of a step that fell behind land; kept apart so per_second stays the window's
+        self.after_window: dict[str, dict[str, float]] = {}
+        self._window_over = False
         self._done = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -254,13 +258,23 @@ class Meter:
             sample["machine"] = round(100 * (busy[0] - prev_busy[0]) / seconds)
             if self.watch is not None:
                 sample["postgresql_busy"] = self.watch.sample()
-            self.per_second[time.strftime("%H:%M:%S", time.gmtime(time.time() - 0.5))] = sample
+            into = self.after_window if self._window_over else self.per_second
+            into[time.strftime("%H:%M:%S", time.gmtime(time.time() - 0.5))] = sample
             prev, prev_busy, prev_t = cpu, busy, now
 
-    def stop(self) -> dict:
+    def second(self, at: str) -> dict[str, float] | None:
+        """The sample of UTC second ``at`` ("HH:MM:SS"), in the window or after it; None if not sampled."""
+        return self.per_second.get(at) or self.after_window.get(at)
+
+    def stop(self) -> None:
         self._done.set()
         if self._sampler is not None:
             self._sampler.join(5)
+
+    def usage(self) -> dict:
+        """CPU and RSS per group over the window (start() until now); the per-second sampler goes on until
+        stop()."""
+        self._window_over = True
         seconds = time.monotonic() - self.t0
         cpu = self._cpu()
         busy = machine_busy()
@@ -827,11 +841,12 @@ def run(args) -> dict:
             t0_ms, acked0 = int(time.time() * 1000), fleet.acked()
             time.sleep(args.window)
             t1_ms, acked1 = int(time.time() * 1000), fleet.acked()
-            usage = meter.stop()
-            time.sleep(args.settle)
+            usage = meter.usage()
+            time.sleep(args.settle)  # still sampled: a step that fell behind has its slowest commits here
+            meter.stop()
             w = window_stats(stack.engine, fleet.boot, t0_ms, t1_ms)
             for worst in w["worst_seconds"]:  # what the machine did in those seconds (None: outside the samples)
-                worst["cpu_pct"] = meter.per_second.get(worst["at"])
+                worst["cpu_pct"] = meter.second(worst["at"])
             w.update(freshness(stack.engine, fleet.boot), acked_total=fleet.acked())
             seconds = (t1_ms - t0_ms) / 1000
             published = acked1 - acked0
