@@ -870,7 +870,7 @@ class Writer:
         # devices: last_seen (record time), firmware and boot from the newest reading. To spare the devices
         # table an update per reading, a device is updated when something changed or its last write is
         # DEVICE_UPDATE_EVERY_MS old.
-        # (one pass per device and batch, ~1 us each on the loaded bench machine: no tuple unless due)
+        # (this runs for every device of every batch: no tuple is built for a device unless it is due)
         self._pending_devices = pending = {}
         written_get = self._device_written.get
         every = DEVICE_UPDATE_EVERY_MS
