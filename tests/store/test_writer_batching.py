@@ -197,7 +197,8 @@ def test_cache_stage_holds_back_readings_of_unwatched_tenants_until_the_flush(sq
         time.sleep(0.01)
     assert readings_sent()[1] == {"w1": 2}, "a watched tenant's reading goes with its batch"
     assert cache.get("s1")["status"] == "online", "statuses are not held back"
-    assert cache.get("u1") == {} and time.monotonic() - started < 0.4
+    not_yet = cache.get("u1") == {}
+    assert not_yet or time.monotonic() - started >= 0.3, "held until the flush (0.4 s after the first call)"
     while len(readings_sent()) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert readings_sent()[2] == {"u1": 2, "u2": 1, "u3": 1}, "held readings: the newest per device, in one call"
