@@ -592,7 +592,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=5000, help="steady produce rate for the latency figure")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer into FILE (its batch loop), FILE.store and FILE.cache (its store and cache threads), pstats format")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the writer into FILE (its batch loop), FILE.store and FILE.cache (its store and cache threads), pstats format; each thread's CPU time, read per call, slows the writer several-fold: read shares, not rates")
     parser.add_argument("--keep", metavar="DIR",
                         help="PostgreSQL's data directory lives in DIR and is kept; a later run with the same sizes "
                              "and schema revision reuses its dataset instead of building it again")

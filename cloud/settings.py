@@ -80,10 +80,8 @@ class Settings:
     # the shortest time a writer batch stays open; it then closes once the store stage is free and nothing more
     # is waiting (group commit, cloud.writer.Writer._collect), so batches grow with the load by themselves
     writer_batch_ms: int = 5
-    # the newest reading of a device whose tenant nobody watches live goes to the cache (Redis) at most this often;
-    # readings of watched tenants go with every batch, as their live events (cloud.writer.Writer._cache_stage).
-    # 0: every batch. With 10,000 devices at 20,000 msg/s, every batch meant ~20,000 cache writes a second; a
-    # second's worth is one write per device (10,000), however often the devices report.
+    # the newest reading of a device whose tenant nobody watches live goes to the cache (Redis) at most this often,
+    # readings of watched tenants with every batch; 0: every batch (why: cloud.writer.Writer._cache_stage)
     cache_flush_ms: int = 1000
     log_level: str = "INFO"
 

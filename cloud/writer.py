@@ -345,6 +345,7 @@ class Writer:
         self._last_error: str | None = None
         self._paused_since: float | None = None
         self._next_maintenance = 0.0
+        self._collation_checked = not self.postgres
         self.rollup_every_s = ROLLUP_EVERY_S
         self._lock = threading.Lock()
         self._to_cache: queue.SimpleQueue | None = None  # run(): stored batches' outcomes for the cache thread
@@ -357,8 +358,6 @@ class Writer:
         # threshold a young collection ran several times per batch (~85 a second at 10,000 msg/s, 0.7 ms each)
         # and pushed live batches into the old generations, which then filled and were walked in full
         raise_gc_threshold()
-        if self.postgres:
-            self._check_collation()
         t = self.topics
         self.consumer = self.bus.consumer(self.group, [t.telemetry, t.status, t.acks, t.command_status, t.alarms],
                                           name="writer")
@@ -428,13 +427,12 @@ class Writer:
             raise failure[0]
 
     def _check_collation(self) -> None:
-        try:
-            advice = maintenance.collation_advice(self.engine)
-        except Exception as exc:  # noqa: BLE001 - the database may not be up yet; the writer waits for it anyway
-            log.debug("writer: could not read the database collation: %s", exc)
-            return
+        """Warn once if the database compares text by a locale (cloud.db.maintenance.collation_advice). Run with
+        the first maintenance round that reaches the database, so a database still starting does not skip it."""
+        advice = maintenance.collation_advice(self.engine)
         if advice:
             log.warning("writer: %s", advice)
+        self._collation_checked = True
 
     def _store_stage(self, handoff: queue.Queue, stored: queue.SimpleQueue, stop: threading.Event,
                      failure: list[BaseException], idle: threading.Event | None = None) -> None:
@@ -1137,14 +1135,8 @@ class Writer:
             newest: dict[str, tuple] = {}
             get = newest.get
             for outcome in outcomes:
-                if watched is None:
-                    for row in outcome.inserted:  # usually one per device already
-                        prev = get(row[0])
-                        if prev is None or row[2] >= prev[2]:
-                            newest[row[0]] = row
-                    continue
-                for row in outcome.inserted:
-                    into = newest if row[1] in watched else held
+                for row in outcome.inserted:  # usually one per device already
+                    into = newest if watched is None or row[1] in watched else held
                     prev = into.get(row[0])
                     if prev is None or row[2] >= prev[2]:
                         into[row[0]] = row
@@ -1214,6 +1206,8 @@ class Writer:
             return
         self._next_maintenance = now + self.maintenance_every_s
         try:
+            if not self._collation_checked:
+                self._check_collation()
             if self.postgres:
                 self._partitions.update(maintenance.existing_partitions(self.engine))
                 created = maintenance.ensure_partitions(self.engine, days_ahead=2)

@@ -41,7 +41,7 @@ import re
 import threading
 import time
 from datetime import date, datetime, timedelta, timezone
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from sqlalchemy import Engine, text
 
@@ -78,8 +78,15 @@ def collation_advice(engine: Engine) -> str | None:
         return None
     with engine.connect() as conn:  # every column: datlocprovider and the ICU locale's name came in version 15
         row = conn.exec_driver_sql("SELECT * FROM pg_database WHERE datname = current_database()").mappings().one()
+    return collation_verdict(row)
+
+
+def collation_verdict(row: Mapping[str, Any]) -> str | None:
+    """collation_advice's answer for a ``pg_database`` row: None for libc C/POSIX and for the builtin provider
+    (PostgreSQL 17+: its C, C.UTF-8 and PG_UNICODE_FAST all order by code point, a memcmp on UTF-8), else the
+    warning naming the locale."""
     provider, collate = str(row.get("datlocprovider", "c")), row["datcollate"]
-    if provider == "c" and collate in ("C", "POSIX"):
+    if (provider == "c" and collate in ("C", "POSIX")) or provider == "b":
         return None
     locale = row.get("daticulocale") or row.get("datlocale")
     name = collate if provider == "c" else f"{locale or collate} (locale provider {provider!r})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import func, select
@@ -121,3 +122,48 @@ def test_collation_advice_names_a_linguistic_database_collation(postgres, pg_url
     finally:
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_collation_verdict_of_each_locale_provider():
+    """Code-point orders (libc C/POSIX, PostgreSQL 17's builtin provider) get no advice; a libc or ICU locale is
+    named; a row from before PostgreSQL 15 (no provider column) is read as libc."""
+    assert maintenance.collation_verdict({"datlocprovider": "c", "datcollate": "C"}) is None
+    assert maintenance.collation_verdict({"datlocprovider": "c", "datcollate": "POSIX"}) is None
+    assert maintenance.collation_verdict({"datcollate": "C"}) is None
+    for builtin in ("C", "C.UTF-8", "PG_UNICODE_FAST"):
+        assert maintenance.collation_verdict({"datlocprovider": "b", "datcollate": "C", "datlocale": builtin}) is None
+    libc = maintenance.collation_verdict({"datlocprovider": "c", "datcollate": "en_US.utf8"})
+    assert libc is not None and libc.startswith("database collation is en_US.utf8, not C")
+    old = maintenance.collation_verdict({"datcollate": "de_DE.UTF-8"})
+    assert old is not None and "de_DE.UTF-8" in old
+    icu = maintenance.collation_verdict({"datlocprovider": "i", "datcollate": "C", "datlocale": "und-x-icu"})
+    assert icu is not None and "und-x-icu (locale provider 'i')" in icu
+
+
+def test_writer_checks_the_collation_once_when_the_database_answers(pg_url, engine_at, caplog, monkeypatch):
+    """The writer's first maintenance round asks for the collation advice; a database not up yet (the call fails)
+    is asked again with the next round instead of being skipped for good, and once answered it is not asked
+    again."""
+    from cloud.settings import Settings
+    from cloud.writer import Writer
+
+    calls: list[int] = []
+
+    def advice(_engine):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the database is starting up")
+        return "database collation is xx_XX, not C"
+
+    monkeypatch.setattr(maintenance, "collation_advice", advice)
+    writer = Writer(Settings(), None, engine_at(pg_url), None, retention=False)
+    stop = threading.Event()
+    with caplog.at_level("WARNING", logger="cloud.writer"):
+        writer._maybe_maintain(stop)
+        assert "xx_XX" not in caplog.text
+        writer._next_maintenance = 0.0  # the retry round (30 s later in the service)
+        writer._maybe_maintain(stop)
+        assert "database collation is xx_XX, not C" in caplog.text
+        writer._next_maintenance = 0.0
+        writer._maybe_maintain(stop)
+    assert len(calls) == 2
