@@ -25,7 +25,8 @@ SERVICES = {
     "kafka-init": "create the Kafka topics idempotently, then exit",
     "ca": "create a private CA and the MQTT broker's TLS certificate (default deploy/certs)",
     "mqtt-auth": "Mosquitto accounts + ACLs from the database: mqtt-auth sync|watch|conf",
-    "tenant": "customers: tenant create <name> --admin <email> [--retention-days N] | tenant list",
+    "tenant": "customers: tenant create <name> --admin <email> [--retention-days N] | tenant list | "
+              "tenant reset-password <email>",
     "db": "database: db upgrade | db downgrade <rev> | db maintain (partitions ahead, retention)",
 }
 

@@ -2,11 +2,13 @@
 
     python -m cloud tenant create "Acme Ltd" --admin ops@acme.example [--retention-days 90]
     python -m cloud tenant list [--json]
+    python -m cloud tenant reset-password ops@acme.example
 
 ``create`` makes the tenant and its first admin user in one transaction and prints the admin's generated
 password once (only its hash is stored); the admin then logs in to the dashboard and creates the other users,
-devices and API tokens. The database comes from IOT_DATABASE_URL (cloud.settings) and must be migrated
-(``python -m cloud db upgrade``).
+devices and API tokens. ``reset-password`` gives a user who cannot sign in (the tenant's only admin forgot the
+password) a new generated password, printed once; the user's sessions end. The database comes from
+IOT_DATABASE_URL (cloud.settings) and must be migrated (``python -m cloud db upgrade``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ ADMIN_PASSWORD_BYTES = 15  # 20 URL-safe characters
 
 def build_parser(prog: str = "python -m cloud tenant") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="create and list tenants (customers)")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{create,list}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{create,list,reset-password}")
     create = sub.add_parser("create", help="create a tenant and its first admin user (prints the password once)")
     create.add_argument("name", help="the tenant's name (unique)")
     create.add_argument("--admin", required=True, metavar="EMAIL", help="email address of the tenant's first admin")
@@ -29,6 +31,8 @@ def build_parser(prog: str = "python -m cloud tenant") -> argparse.ArgumentParse
                         help="days of raw telemetry kept for this tenant (1..3650, default 30)")
     listing = sub.add_parser("list", help="list tenants with their device and user counts")
     listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    reset = sub.add_parser("reset-password", help="give a user a new generated password (printed once)")
+    reset.add_argument("email", help="the user's email address")
     return parser
 
 
@@ -51,6 +55,26 @@ def create_tenant(engine, name: str, admin_email: str, retention_days: int = 30)
         user = repo.create_user(session, tenant.id, admin_email, password, role="admin")
         session.commit()
         return tenant.id, user.email, password
+
+
+def reset_password(engine, email: str) -> tuple[int, str, str]:
+    """A new generated password for the user ``email``; returns (tenant id, email, password). ValueError when
+    there is no such user."""
+    from sqlalchemy import select
+
+    from cloud.db import repo, session_factory
+    from cloud.db.models import User
+    from cloud.passwords import new_secret
+
+    clean = (email or "").strip().lower()
+    password = new_secret(ADMIN_PASSWORD_BYTES)
+    with session_factory(engine)() as session:
+        user = session.scalar(select(User).where(User.email == clean))
+        if user is None:
+            raise ValueError(f"no user with email {clean!r}")
+        repo.set_password(session, user.tenant_id, user.id, password)
+        session.commit()
+        return user.tenant_id, user.email, password
 
 
 def list_tenants(engine) -> list[dict]:
@@ -101,6 +125,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(f"admin: {email}")
             print(f"password: {password}")
             print("The password is shown only this once (only its hash is stored): hand it over securely.")
+            return 0
+        if args.action == "reset-password":
+            tenant_id, email, password = reset_password(engine, args.email)
+            print(f"user {email} (tenant {tenant_id}): new password {password}")
+            print("Shown only this once; the user's sessions have ended. Hand it over securely.")
             return 0
         rows = list_tenants(engine)
         print(json.dumps(rows) if args.json else (_table(rows) if rows else "no tenants"))

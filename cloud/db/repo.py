@@ -98,12 +98,62 @@ def create_user(session: Session, tenant_id: int, email: str, password: str, rol
 
 
 def set_password(session: Session, tenant_id: int, user_id: int, password: str) -> User:
-    user = session.scalar(select(User).where(User.tenant_id == tenant_id, User.id == user_id))
-    if user is None:
-        raise NotFound(f"user {user_id} not found")
+    user = _tenant_user(session, tenant_id, user_id)
     if not password or len(password) < 8:
         raise ValueError("the password must have at least 8 characters")
     user.password_hash = hash_password(password)
+    session.flush()
+    return user
+
+
+class LastAdmin(ValueError):
+    """The change would leave a tenant without an admin (nobody could then manage its users or devices)."""
+
+
+def _tenant_user(session: Session, tenant_id: int, user_id: int) -> User:
+    user = session.scalar(select(User).where(User.tenant_id == tenant_id, User.id == user_id))
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+def _keep_an_admin(session: Session, user: User) -> None:
+    """Raise LastAdmin when ``user`` is the tenant's only admin. Locks the tenant's admin rows first, so two
+    admins demoting each other at the same moment cannot both succeed (on SQLite writers are serialised)."""
+    if user.role != "admin":
+        return
+    admins = session.scalars(select(User.id).where(User.tenant_id == user.tenant_id, User.role == "admin")
+                             .with_for_update()).all()
+    if len(admins) <= 1:
+        raise LastAdmin(f"{user.email} is the tenant's last admin; make another user admin first")
+
+
+def set_role(session: Session, tenant_id: int, user_id: int, role: str) -> User:
+    user = _tenant_user(session, tenant_id, user_id)
+    if _check_role(role) != "admin":
+        _keep_an_admin(session, user)
+    user.role = role
+    session.flush()
+    return user
+
+
+def delete_user(session: Session, tenant_id: int, user_id: int) -> User:
+    """Remove a user: its sessions end with their next request (every request looks the user up)."""
+    user = _tenant_user(session, tenant_id, user_id)
+    _keep_an_admin(session, user)
+    session.delete(user)
+    session.flush()
+    return user
+
+
+def change_password(session: Session, user_id: int, current: str, new: str) -> User | None:
+    """The user with its new password, or None when ``current`` is wrong."""
+    user = session.get(User, user_id)
+    if user is None or not verify_password(current, user.password_hash):
+        return None
+    if not new or len(new) < 8:
+        raise ValueError("the password must have at least 8 characters")
+    user.password_hash = hash_password(new)
     session.flush()
     return user
 

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from cloud import schema
 from cloud.web import ctx, data, request_session
 from cloud.web import serialize as ser
-from cloud.web.auth import ROLES, login_required
+from cloud.web.auth import ROLES, change_own_password, login_required
 from cloud.web.ops import COMMANDS
 
 log = logging.getLogger(__name__)
@@ -613,6 +613,65 @@ def create_user():
                 return jsonify(error=f"a user {email!r} already exists"), 409
             raise
         return jsonify(ser.user(u)), 201
+
+
+def _new_password(payload: dict, key: str) -> str:
+    password = payload.get(key)
+    if not isinstance(password, str) or len(password) < 10:
+        raise BadRequest(f"field {key!r} must be a string of at least 10 characters")
+    return password
+
+
+@bp.patch("/users/<int(max=2147483647):user_id>")
+@login_required("admin")
+def update_user(user_id: int):
+    """Change a user's role, or set a new password (the user's sessions end: see auth.password_stamp)."""
+    payload = body()
+    if "role" not in payload and "password" not in payload:
+        raise BadRequest("give 'role' and/or 'password'")
+    role = _role(payload, "viewer") if "role" in payload else None
+    password = _new_password(payload, "password") if "password" in payload else None
+    with ctx().session_factory() as s:
+        try:
+            u = data.update_user(s, _tid(), user_id, role, password)
+        except data.LastAdmin as exc:
+            s.rollback()
+            return jsonify(error=str(exc)), 409
+        return jsonify(ser.user(u))
+
+
+@bp.delete("/users/<int(max=2147483647):user_id>")
+@login_required("admin")
+def delete_user(user_id: int):
+    with ctx().session_factory() as s:
+        try:
+            data.delete_user(s, _tid(), user_id)
+        except data.LastAdmin as exc:
+            s.rollback()
+            return jsonify(error=str(exc)), 409
+    return "", 204
+
+
+@bp.post("/me/password")
+@login_required()
+def change_password():
+    """The signed-in user's own password; the other sessions of that user end, this one goes on."""
+    p = _principal()
+    if p.kind != "session":
+        raise BadRequest("an API token has no password; sign in as the user to change it")
+    payload = body()
+    current = payload.get("current_password")
+    if not isinstance(current, str) or not current:
+        raise BadRequest("missing field 'current_password'")
+    new = _new_password(payload, "new_password")
+    refused = change_own_password(p, current, new)
+    if refused is not None:
+        message, status, retry_after = refused
+        response = jsonify(error=message)
+        if retry_after:
+            response.headers["Retry-After"] = str(retry_after)
+        return response, status
+    return "", 204
 
 
 # --- OpenAPI ----------------------------------------------------------------------------------------------

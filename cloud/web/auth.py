@@ -11,6 +11,7 @@ rules; admins also provision devices and manage users and API tokens.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import secrets
@@ -38,6 +39,7 @@ class Principal:
     role: str
     kind: str  # "session" | "token"
     user_id: int | None = None
+    credential: str = ""  # session: the password stamp it began with; token: the token's digest (see still_valid)
 
     def can(self, role: str) -> bool:
         return ROLE_RANK.get(self.role, -1) >= ROLE_RANK[role]
@@ -67,12 +69,27 @@ def _error(status: int, message: str):
 
 
 def _token_principal(token: str) -> Principal | None:
-    from cloud.web.data import token_principal
-    tok = token_principal(request_session(), token)
+    from cloud.passwords import token_digest
+    from cloud.web.data import token_by_digest
+    if not token:
+        return None
+    digest = token_digest(token)
+    tok = token_by_digest(request_session(), digest)
     if tok is None:
         return None
     tenant_id, name, role = tok
-    return Principal(tenant_id=tenant_id, email=f"token:{name}", role=role, kind="token")
+    return Principal(tenant_id=tenant_id, email=f"token:{name}", role=role, kind="token", credential=digest)
+
+
+def password_stamp(password_hash: str) -> str:
+    """What a session remembers of the password it was opened with: a new password (changed by the user or reset
+    by an admin) ends every session opened before it. A digest, not a piece of the hash itself: Flask's session
+    cookie is signed, not encrypted, so its holder can read it."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:20]
+
+
+def start_session(user_id: int, tenant_id: int, password_hash: str) -> None:
+    session["uid"], session["tid"], session["pw"] = user_id, tenant_id, password_stamp(password_hash)
 
 
 def _session_principal() -> Principal | None:
@@ -81,11 +98,44 @@ def _session_principal() -> Principal | None:
         return None
     from cloud.web.data import session_user
     user = session_user(request_session(), uid)
-    if user is None or user[1] != session.get("tid"):
-        session.clear()
+    if user is None or user[1] != session.get("tid") or password_stamp(user[4]) != session.get("pw"):
+        session.clear()  # the user was removed, or the password changed since this session began
         return None
-    user_id, tenant_id, email, role = user
-    return Principal(tenant_id=tenant_id, email=email, role=role, kind="session", user_id=user_id)
+    user_id, tenant_id, email, role, _ = user
+    return Principal(tenant_id=tenant_id, email=email, role=role, kind="session", user_id=user_id,
+                     credential=session["pw"])
+
+
+def change_own_password(p: Principal, current: str, new: str) -> tuple[str, int, int] | None:
+    """Change the signed-in user's password. None when done (this session carries on with the new password, the
+    user's other sessions end), else (message, HTTP status, Retry-After seconds or 0). A wrong current password
+    counts against the login limit of this address and email: a borrowed session must not become a way to
+    guess the password."""
+    from cloud.web.data import change_own_password as change
+    ip = request.remote_addr or "?"
+    limiter = ctx().limiter
+    ticket, wait = limiter.begin(ip, p.email)
+    if ticket is None:
+        retry_after = max(1, math.ceil(wait))
+        return f"Too many failed attempts. Try again in {retry_after} s.", 429, retry_after
+    with ctx().session_factory() as s:
+        user = change(s, p.user_id, current, new)
+        if user is None:  # the slot stays taken: a failed attempt
+            return "the current password is wrong", 400, 0
+        limiter.succeeded(ip, p.email, ticket)
+        start_session(user.id, user.tenant_id, user.password_hash)
+    return None
+
+
+def still_valid(p: Principal, s) -> bool:
+    """Whether what authenticated ``p`` still holds: the user exists with the same password, or the token is not
+    revoked. For connections that outlive their request (the WebSocket)."""
+    from cloud.web.data import session_user, token_by_digest
+    if p.kind == "token":
+        tok = token_by_digest(s, p.credential)
+        return tok is not None and tok[0] == p.tenant_id
+    user = session_user(s, p.user_id)
+    return user is not None and user[1] == p.tenant_id and password_stamp(user[4]) == p.credential
 
 
 def load_principal() -> None:
@@ -183,14 +233,14 @@ def login():
         with ctx().session_factory() as s:
             user = repo.authenticate(s, email, password) if email and password else None
             if user is not None:
-                uid, tid = user.id, user.tenant_id
+                uid, tid, pw_hash = user.id, user.tenant_id, user.password_hash
         if user is None:  # the slot stays taken: a failed attempt
             error, status = "Unknown email or wrong password.", 401
         else:
             limiter.succeeded(ip, email, ticket)  # a success does not count
             session.clear()  # no session fixation: a fresh session (and CSRF token) after login
             session.permanent = True
-            session["uid"], session["tid"] = uid, tid
+            start_session(uid, tid, pw_hash)
             csrf_token()
             return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", error=error, next=request.args.get("next", "")), status

@@ -12,13 +12,12 @@ from typing import Any
 
 from sqlalchemy import ARRAY, String, func, literal, or_, select, true
 
-from cloud.passwords import token_digest
-
 from cloud.db import repo
 from cloud.db.models import ROLLUPS, Alarm, ApiToken, Device, Telemetry, User
 
 
 NotFound = repo.NotFound  # one exception for "missing or another tenant's" -> 404
+LastAdmin = repo.LastAdmin  # -> 409
 
 
 def pg_connection(s) -> Any:
@@ -285,6 +284,28 @@ def create_user(s, tenant_id: int, email: str, password: str, role: str):
     return u
 
 
+def update_user(s, tenant_id: int, user_id: int, role: str | None, password: str | None) -> User:
+    """Both changes or neither (one transaction)."""
+    u = repo.set_role(s, tenant_id, user_id, role) if role is not None else None
+    if password is not None:
+        u = repo.set_password(s, tenant_id, user_id, password)
+    s.commit()
+    return u
+
+
+def delete_user(s, tenant_id: int, user_id: int) -> User:
+    u = repo.delete_user(s, tenant_id, user_id)
+    s.commit()
+    return u
+
+
+def change_own_password(s, user_id: int, current: str, new: str) -> User | None:
+    u = repo.change_password(s, user_id, current, new)
+    if u is not None:
+        s.commit()
+    return u
+
+
 # --- web-local read helpers (tenant-scoped) ---------------------------------------------------------------
 
 def active_alarm_counts(s, tenant_id: int, device_ids: list[str] | None = None) -> dict[str, int]:
@@ -443,29 +464,26 @@ def latest_readings_batch(s, tenant_id: int, device_ids: list[str]) -> dict[str,
 
 # --- authentication (every request): plain columns by primary key / unique digest ------------------------
 
-_SESSION_USER_SQL = f"SELECT id, tenant_id, email, role FROM {User.__tablename__} WHERE id = %s"
+_SESSION_USER_SQL = f"SELECT id, tenant_id, email, role, password_hash FROM {User.__tablename__} WHERE id = %s"
 _TOKEN_SQL = (f"SELECT tenant_id, name, role FROM {ApiToken.__tablename__} "
               "WHERE token_hash = %s AND revoked_at IS NULL")
 
 
 def session_user(s, user_id: int) -> tuple | None:
-    """(id, tenant_id, email, role) of a user, or None. PostgreSQL: one statement on the driver's cursor (building
-    and executing a Core select per request cost more client CPU than the lookup itself)."""
+    """(id, tenant_id, email, role, password_hash) of a user, or None. PostgreSQL: one statement on the driver's
+    cursor (building and executing a Core select per request cost more client CPU than the lookup itself)."""
     dbapi = pg_connection(s)
     if dbapi is not None:
         with dbapi.cursor() as cur:
             return cur.execute(_SESSION_USER_SQL, (user_id,)).fetchone()
-    row = s.connection().execute(select(User.id, User.tenant_id, User.email, User.role)
+    row = s.connection().execute(select(User.id, User.tenant_id, User.email, User.role, User.password_hash)
                                  .where(User.id == user_id)).first()
     return tuple(row) if row is not None else None
 
 
-def token_principal(s, token: str) -> tuple | None:
-    """(tenant_id, name, role) of a live API token, found by its sha256 digest (an index probe; tokens are long
-    random strings, so a fast digest is enough: no per-request KDF), or None."""
-    if not token:
-        return None
-    digest = token_digest(token)
+def token_by_digest(s, digest: str) -> tuple | None:
+    """(tenant_id, name, role) of the live API token with this sha256 digest (``passwords.token_digest``; an
+    index probe: tokens are long random strings, so a fast digest is enough, no per-request KDF), or None."""
     dbapi = pg_connection(s)
     if dbapi is not None:
         with dbapi.cursor() as cur:

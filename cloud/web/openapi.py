@@ -55,6 +55,14 @@ def _op(summary: str, response: dict, *, code: str = "200", role: str = "viewer"
     return op
 
 
+def _also(op: dict, code: str, description: str) -> dict:
+    """``op`` with one more documented error response."""
+    return {**op, "responses": {**op["responses"], code: _json(ERR, description)}}
+
+
+LAST_ADMIN = "it would leave the tenant without an admin"
+
+
 def spec() -> dict:
     rule_body = {"type": "object", "properties": {
         "name": {"type": "string"}, "device": {"type": "string", "nullable": True},
@@ -67,6 +75,14 @@ def spec() -> dict:
         "on_clear": {"type": "object", "nullable": True}}}
     paths = {
         "/api/v1/me": {"get": _op("Who am I", _json(_ref("Me")))},
+        "/api/v1/me/password": {"post": {**_also(_op(
+            "Change your own password", {"description": "Changed"}, code="204",
+            description="Session only (an API token has no password); needs the current password. Your other "
+                        "sessions end, this one goes on. Wrong current passwords count against the login limit "
+                        "(429 with Retry-After).",
+            body={"type": "object", "required": ["current_password", "new_password"], "properties": {
+                "current_password": {"type": "string"}, "new_password": {"type": "string", "minLength": 10}}}),
+            "429", "too many wrong passwords (Retry-After)"), "security": [{"session": []}]}},
         "/api/v1/devices": {
             "get": _op("List the tenant's devices with latest values and active alarm counts", _json(_list("Device")),
                        params=[_query("search", "substring of id or name"),
@@ -163,6 +179,15 @@ def spec() -> dict:
                         body={"type": "object", "required": ["email", "password"], "properties": {
                             "email": {"type": "string"}, "password": {"type": "string", "minLength": 10},
                             "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}}),
+        },
+        "/api/v1/users/{user_id}": {
+            "patch": _also(_op("Change a user's role and/or set a new password (their sessions end)",
+                               _json(_ref("User")), role="admin", params=[_path("user_id", "user id", "integer")],
+                               body={"type": "object", "properties": {
+                                   "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                                   "password": {"type": "string", "minLength": 10}}}), "409", LAST_ADMIN),
+            "delete": _also(_op("Remove a user (their sessions end)", {"description": "Removed"}, code="204",
+                                role="admin", params=[_path("user_id", "user id", "integer")]), "409", LAST_ADMIN),
         },
         "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "parameters": [],
                                          "responses": {"200": {"description": "OpenAPI 3 JSON"}}}},

@@ -18,7 +18,7 @@ from markupsafe import Markup
 from cloud import schema
 from cloud.web import api, ctx, data, request_session
 from cloud.web import serialize as ser
-from cloud.web.auth import ROLES, login_required
+from cloud.web.auth import ROLES, change_own_password, login_required
 
 bp = Blueprint("pages", __name__)
 
@@ -342,6 +342,58 @@ def add_user():
             raise
     flash(f"User {email} created.")
     return redirect(url_for("pages.admin"))
+
+
+@bp.post("/admin/users/<int(max=2147483647):user_id>/<action>")
+@login_required("admin")
+def user_action(user_id: int, action: str):
+    """``role`` (form field ``role``) or ``delete``."""
+    if action not in ("role", "delete"):
+        abort(404)
+    role = request.form.get("role") or ""
+    if action == "role" and role not in ROLES:
+        flash(f"Role must be one of {', '.join(ROLES)}.", "error")
+        return _admin_page(), 400
+    with ctx().session_factory() as s:
+        try:
+            if action == "role":
+                user = data.update_user(s, _tid(), user_id, role, None)
+                message = f"{user.email} is now {role}."
+            else:
+                user = data.delete_user(s, _tid(), user_id)
+                message = f"User {user.email} removed."
+        except data.LastAdmin as exc:
+            s.rollback()
+            flash(f"{exc}.", "error")
+            return _admin_page(), 409
+    flash(message)
+    return redirect(url_for("pages.admin"))
+
+
+@bp.get("/account")
+@login_required()
+def account():
+    return render_template("account.html")
+
+
+@bp.post("/account/password")
+@login_required()
+def account_password():
+    p = g.principal
+    current = request.form.get("current_password") or ""
+    new = request.form.get("new_password") or ""
+    if p.kind != "session":
+        abort(400, description="An API token has no password.")
+    if not current or len(new) < 10 or new != request.form.get("confirm_password"):
+        flash("Give your current password and the new one twice (at least 10 characters).", "error")
+        return render_template("account.html"), 400
+    refused = change_own_password(p, current, new)
+    if refused is not None:
+        message, status, _ = refused
+        flash(message[:1].upper() + message[1:] + ("" if message.endswith(".") else "."), "error")
+        return render_template("account.html"), status
+    flash("Password changed. Your other sessions have been signed out.")
+    return redirect(url_for("pages.account"))
 
 
 @bp.post("/admin/tokens")

@@ -34,6 +34,7 @@ from flask_sock import Sock
 
 from cloud.cache import FEED_RESYNC
 from cloud.web import ctx
+from cloud.web.auth import still_valid
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ws", __name__)
@@ -43,6 +44,10 @@ CLIENT_QUEUE = 256
 PING_INTERVAL_S = 25.0
 PING_FRAME = b"\x89\x00"
 JOIN_TIMEOUT_S = 5.0
+# how often an open WebSocket checks that its login still holds: a removed user, a changed password or a revoked
+# token ends it within this time (one primary-key or index probe per connection)
+RECHECK_S = 30.0
+POLICY_VIOLATION = 1008  # RFC 6455 7.4.1
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -282,10 +287,20 @@ def live(ws) -> None:
     hello = event_frame({"type": "hello", "tenant": principal.tenant_id, "role": principal.role})
     client = hub.join(principal.tenant_id, ws.sock, hello)
     WS_CLIENTS.inc()
+    recheck_at = time.monotonic() + RECHECK_S
+    revoked = False
     try:
         while ws.connected and client.drain(timeout=2.0):
             while ws.connected and ws.receive(timeout=0) is not None:  # we expect nothing; drop chatter
                 pass
+            if time.monotonic() >= recheck_at:
+                with ctx().session_factory() as s:
+                    revoked = not still_valid(principal, s)
+                if revoked:
+                    break
+                recheck_at = time.monotonic() + RECHECK_S
     finally:
-        hub.leave(principal.tenant_id, client)
+        hub.leave(principal.tenant_id, client)  # first: the feed thread no longer writes to this socket
         WS_CLIENTS.dec()
+    if revoked and ws.connected:
+        ws.close(reason=POLICY_VIOLATION, message="login no longer valid")

@@ -34,7 +34,7 @@ PUBLIC = {"static", "auth.login", "ops.healthz", "ops.metrics", "api.openapi", "
 # swept by the WebSocket tests below (a plain HTTP GET is no WebSocket handshake)
 HTTP_SKIP = {"ws.live"}
 # values tried for path parameters that are not object ids
-ACTIONS = ["ack", "clear", "rotate", "revoke", "delete", "rename"]
+ACTIONS = ["ack", "clear", "rotate", "revoke", "delete", "rename", "role"]
 
 
 class Tenant:
@@ -223,7 +223,8 @@ def _assert_untouched(engine, a: Tenant) -> None:
         assert alarm.state == "raised" and alarm.acknowledged_at is None and alarm.cleared_at is None
         assert s.get(Rule, a.rule_id) is not None
         assert s.get(ApiToken, a.token_id).revoked_at is None
-        assert s.get(User, a.user.id) is not None
+        assert s.get(User, a.user.id).role == "admin" and s.get(User, a.other_user.id).role == "viewer"
+        assert repo.authenticate(s, a.email, PASSWORD) is not None  # password unchanged
 
 
 # --- WebSocket --------------------------------------------------------------------------------------------------

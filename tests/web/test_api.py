@@ -7,9 +7,11 @@ import re
 import uuid
 
 import pytest
+from sqlalchemy import select
 
 from cloud.db import repo
 from cloud import db
+from cloud.db.models import User
 from tests.web.conftest import login
 
 API_ROUTES_WITH_IDS = [
@@ -32,6 +34,8 @@ API_ROUTES_WITH_IDS = [
     ("PATCH", "/api/v1/rules/{r}", {"max": 40}),
     ("DELETE", "/api/v1/rules/{r}", None),
     ("DELETE", "/api/v1/tokens/{t}", None),
+    ("PATCH", "/api/v1/users/{u}", {"role": "viewer", "password": "stolen password"}),
+    ("DELETE", "/api/v1/users/{u}", None),
     ("GET", "/api/v1/rules?device={d}", None),
     ("POST", "/api/v1/rules", {"name": "x", "device": "{d}", "metric": "t", "max": 30}),
 ]
@@ -39,7 +43,7 @@ API_ROUTES_WITH_IDS = [
 
 @pytest.fixture(scope="module")
 def b_objects(world):
-    """Objects owned by tenant B: a command, an alarm, a rule, a token."""
+    """Objects owned by tenant B: a command, an alarm, a rule, a token, its admin user."""
     c = world.client()
     dev = world.b.devices[0]
     r = c.post(f"/api/v1/devices/{dev}/commands", json={"op": "ping"}, headers=world.b.auth("operator"))
@@ -51,7 +55,8 @@ def b_objects(world):
         tok, _ = repo.create_api_token(s, world.b.id, "b-extra", "viewer")
         s.commit()
         token_id = tok.id
-    return {"d": dev, "c": r.json["cid"], "a": alarm_id, "r": rule["id"], "t": token_id}
+        user_id = s.scalar(select(User.id).where(User.email == world.b.users["admin"]))
+    return {"d": dev, "c": r.json["cid"], "a": alarm_id, "r": rule["id"], "t": token_id, "u": user_id}
 
 
 def insert_alarm(world, tenant_id: int, device_id: str) -> str:
@@ -279,6 +284,9 @@ def test_cross_tenant_every_route(world, b_objects):
     assert c.get(f"/api/v1/devices/{b_objects['d']}", headers=hb).json["revoked"] is False
     assert c.get(f"/api/v1/rules/{b_objects['r']}", headers=hb).status_code == 200
     assert c.get(f"/api/v1/commands/{b_objects['c']}", headers=hb).status_code == 200
+    users = {u["id"]: u["role"] for u in c.get("/api/v1/users", headers=hb).json["items"]}
+    assert users[b_objects["u"]] == "admin"
+    login(world.client(), world.b.users["admin"])  # B's admin still signs in with the password it had
     alarms = c.get("/api/v1/alarms", headers=hb).json["items"]
     assert [a["state"] for a in alarms if a["id"] == b_objects["a"]] == ["raised"]
     # and lists never leak

@@ -108,3 +108,19 @@ def test_runs_as_a_module(env):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert password_of(result.stdout)
+
+
+def test_reset_password_gives_a_new_working_password_once(env, capsys):
+    assert run(env, "create", "Acme", "--admin", "ops@acme.example") == 0
+    old = password_of(capsys.readouterr().out)
+    assert run(env, "reset-password", " Ops@Acme.example ") == 0
+    out = capsys.readouterr().out
+    new = out.split("new password ", 1)[1].split()[0]
+    assert new != old and len(new) >= 16 and "ops@acme.example" in out
+    engine = db.make_engine(env["IOT_DATABASE_URL"])
+    with db.session_factory(engine)() as s:
+        assert repo.authenticate(s, "ops@acme.example", old) is None
+        assert repo.authenticate(s, "ops@acme.example", new) is not None
+    engine.dispose()
+    assert run(env, "reset-password", "nobody@acme.example") == 2
+    assert "no user with email 'nobody@acme.example'" in capsys.readouterr().err
