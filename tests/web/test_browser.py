@@ -350,3 +350,38 @@ def test_login_rejects_bad_password(page, world, live):
     page.click("button[type=submit]")
     assert "wrong password" in page.locator(".flash.error").inner_text().lower()
     shot(page, world.backend.name, "login")
+
+
+def test_account_page_changes_the_password(page, world, live):
+    from tests.web.conftest import PASSWORD
+    from tests.web.test_users import NEW_PASSWORD, add_user
+
+    _, email = add_user(world, "viewer")
+    sign_in(page, live, email)
+    page.click(f"header .who a:has-text('{email}')")
+    page.wait_for_url("**/account")
+    page.fill("input[name=current_password]", PASSWORD)
+    page.fill("input[name=new_password]", NEW_PASSWORD)
+    page.fill("input[name=confirm_password]", NEW_PASSWORD)
+    page.click("main button[type=submit]")
+    expect(page.locator(".flash").first).to_contain_text("Password changed.")
+    shot(page, world.backend.name, "account")
+    assert page.errors == []
+
+
+def test_admin_sets_a_role_and_asks_before_removing(page, world, live):
+    from tests.web.test_users import add_user
+
+    _, email = add_user(world, "viewer")
+    sign_in(page, live, world.a.users["admin"])
+    page.goto(live.url + "/admin")
+    row = page.locator(f"tr[data-user='{email}']")
+    row.locator("select[name=role]").select_option("operator")
+    row.locator("button:has-text('Set role')").click()
+    expect(page.locator(".flash").first).to_contain_text(f"{email} is now operator.")
+    row = page.locator(f"tr[data-user='{email}']")
+    expect(row.locator("select[name=role]")).to_have_value("operator")
+    row.locator("button:has-text('Remove')").click()  # the fixture answers the confirm dialog with "cancel"
+    assert page.dialogs and f"Remove {email}?" in page.dialogs[-1]
+    expect(page.locator(f"tr[data-user='{email}']")).to_have_count(1)
+    assert page.errors == []
