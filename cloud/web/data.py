@@ -7,6 +7,8 @@ per device) lives at the bottom, tenant-scoped the same way.
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import datetime, timezone
 from typing import Any
 
@@ -131,6 +133,21 @@ def history_columns(result: dict[str, Any]) -> dict[str, Any]:
     if not rows:
         return {f: [] for f in result["fields"]}
     return dict(zip(result["fields"], zip(*rows)))
+
+
+def history_csv(result: dict[str, Any]) -> str:
+    """:func:`history`'s rows as CSV for spreadsheets: a header row, then one row per point, oldest first, with
+    the point's time in ISO 8601 UTC first, then every field as the API names it (``ts`` in unix ms too). Every
+    value is a number or empty, so no cell can start a spreadsheet formula."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180
+    writer.writerow(("time", *result["fields"]))
+    for row in result["rows"]:
+        ms = row[0]
+        when = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds") if ms is not None \
+            else ""
+        writer.writerow((when.replace("+00:00", "Z"), *row))
+    return out.getvalue()
 
 
 def _point_ms(ts: Any) -> int | None:

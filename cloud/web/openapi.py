@@ -110,14 +110,18 @@ def spec() -> dict:
                        params=[DEVICE])},
         "/api/v1/devices/{device_id}/history": {
             "get": _op("Readings in a window; long windows are rolled up (averages per bucket)",
-                       _json({"oneOf": [_ref("History"), _ref("HistoryColumns")]}),
+                       {**_json({"oneOf": [_ref("History"), _ref("HistoryColumns")]}),
+                        "content": {"application/json": {"schema": {"oneOf": [_ref("History"),
+                                                                              _ref("HistoryColumns")]}},
+                                    "text/csv": {"schema": {"type": "string"}}}},
                        description="Up to 3 h: raw readings (bucket_s null); up to 3 days: one-minute roll-ups "
                                    "(bucket_s 60); longer: hourly (bucket_s 3600). Oldest first.",
                        params=[DEVICE, _query("range", "shortcut window ending now", enum=("1h", "24h", "7d")),
                                _query("start", "ISO 8601 or unix s/ms"), _query("end", "ISO 8601 or unix s/ms"),
                                _query("format", "points (default): a list of objects; columns: one array per "
-                                                "field (half the bytes; what the dashboard's charts use)",
-                                      enum=("points", "columns"))])},
+                                                "field (half the bytes; what the dashboard's charts use); csv: a "
+                                                "file to download, a header row, then one row per point with its "
+                                                "time in ISO 8601 UTC first", enum=("points", "columns", "csv"))])},
         "/api/v1/devices/{device_id}/readings": {
             "get": _op("Most recent raw readings", _json({"type": "object", "properties": {
                 "items": {"type": "array", "items": _ref("Reading")}}}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import uuid
@@ -131,7 +133,7 @@ def test_latest_from_cache_and_db(world):
     r = c.get(f"/api/v1/devices/{dev2}/history?range=1h", headers=world.a.auth("viewer"))
     assert r.status_code == 200 and r.json["points"][0]["t"] == 19.0 and isinstance(r.json["points"][0]["ts"], int)
     for bad in ("range=2y", "start=yesterday", "start=2030-01-01T00:00:00Z&end=2029-01-01T00:00:00Z",
-                "format=csv"):
+                "format=xml"):
         assert c.get(f"/api/v1/devices/{dev2}/history?{bad}", headers=world.a.auth("viewer")).status_code == 400
     r = c.get("/api/v1/devices/does-not-exist/latest", headers=world.a.auth("viewer"))
     assert r.status_code == 404 and "not found" in r.json["error"]
@@ -405,6 +407,18 @@ def test_history_points_are_the_repositorys(world):
             {k: r.json[k] for k in ("device", "start", "end", "bucket_s")}
         assert list(cols.json["columns"]) == list(theirs["points"][0])
         assert cols.json["columns"] == {k: [p[k] for p in theirs["points"]] for k in theirs["points"][0]}
+        # format=csv: the same values as a file, the time in ISO 8601 UTC first
+        text = world.client().get(f"/api/v1/devices/{dev}/history?{window}&format=csv",
+                                  headers=world.a.auth("viewer"))
+        assert text.status_code == 200 and text.mimetype == "text/csv"
+        assert text.headers["Content-Disposition"].startswith(f'attachment; filename="{dev}_')
+        rows = list(csv.reader(io.StringIO(text.get_data(as_text=True))))
+        assert rows[0] == ["time", *theirs["points"][0]]
+        assert len(rows) == len(theirs["points"]) + 1
+        for row, point in zip(rows[1:], theirs["points"]):
+            assert datetime.fromisoformat(row[0].replace("Z", "+00:00")) == \
+                datetime.fromtimestamp(point["ts"] / 1000, timezone.utc)
+            assert row[1:] == ["" if v is None else str(v) for v in point.values()]
 
 
 def test_history_of_a_device_without_points_and_of_another_tenants(world):
@@ -423,7 +437,9 @@ def test_history_of_a_device_without_points_and_of_another_tenants(world):
             ["ts", "n", "t", "t_min", "t_max", "h", "h_min", "h_max", "p", "p_min", "p_max"]
         assert r.status_code == 200 and r.json["columns"] == {k: [] for k in fields}, rng
         assert list(r.json["columns"]) == fields, rng
-        for fmt in ("", "&format=columns"):
+        r = c.get(f"/api/v1/devices/{dev}/history?range={rng}&format=csv", headers=world.a.auth("viewer"))
+        assert r.status_code == 200 and r.get_data(as_text=True) == ",".join(["time", *fields]) + "\r\n", rng
+        for fmt in ("", "&format=columns", "&format=csv"):
             r = c.get(f"/api/v1/devices/{dev}/history?range={rng}{fmt}", headers=world.b.auth("viewer"))
             assert r.status_code == 404 and "not found" in r.json["error"], rng
             r = c.get(f"/api/v1/devices/{world.a.devices[0]}/history?range={rng}{fmt}",

@@ -161,6 +161,12 @@ def test_device_history_ranges(page, world, live):
     expect(info).to_have_text("3 points")  # the last hour, raw
     page.click("#ranges button[data-range='24h']")
     expect(info).to_have_text("5 points (averaged per 60 s)")
+    # the link downloads the window shown as CSV: a header and the same five points
+    with page.expect_download() as download:
+        page.click("#history-csv")
+    assert download.value.suggested_filename.startswith(dev) and download.value.suggested_filename.endswith(".csv")
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert lines[0].startswith("time,ts,n,t,t_min,t_max") and len(lines) == 6
     page.click("#ranges button[data-range='7d']")
     expect(info).to_have_text("0 points (averaged per 3600 s)")  # no hourly roll-ups stored
     # custom: the last 40 minutes hold two of the raw readings (browser-local datetime-local values)

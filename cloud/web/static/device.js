@@ -52,8 +52,10 @@
   function loadHistory(query) {
     var mine = ++historyRequest;
     $('range-info').textContent = 'loading…';
+    var url = '/api/v1/devices/' + encodeURIComponent(deviceId) + '/history?';
+    $('history-csv').href = url + 'format=csv&' + query;  // the same window as a file (session cookie, a GET)
     // format=columns: one array per field, oldest first -- what uPlot takes, without an object per point
-    return Live.api('GET', '/api/v1/devices/' + encodeURIComponent(deviceId) + '/history?format=columns&' + query)
+    return Live.api('GET', url + 'format=columns&' + query)
       .then(function (data) {
         if (mine !== historyRequest) return;
         var c = data.columns, n = c.ts.length, x = new Array(n);
