@@ -20,6 +20,7 @@ SERVICES = {
     "bridge": "MQTT -> Kafka (telemetry, status, acks, dead letters) and Kafka -> MQTT (commands)",
     "writer": "Kafka -> PostgreSQL (idempotent batches) and the latest values in Redis",
     "alarms": "per-device alarm rules on the telemetry stream; alarm events to the alarms topic",
+    "notifier": "alarm events to the tenants' webhooks (signed POSTs, retried, failures to the dead-letter topic)",
     "web": "dashboard, REST API /api/v1, WebSocket /ws, /healthz, /metrics",
     "sim": "a fleet of simulated devices running the real firmware on the MicroPython unix port",
     "kafka-init": "create the Kafka topics idempotently, then exit",
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mqtt-port", type=int, default=1883, help="embedded MQTT broker port (default 1883)")
     demo.add_argument("--data-dir", default="var/demo", help="SQLite file and device flash folders")
     demo.add_argument("--interval", type=int, default=2, help="seconds between readings per device")
-    for name in ("bridge", "writer", "alarms", "web"):
+    for name in ("bridge", "writer", "alarms", "notifier", "web"):
         sub.add_parser(name, help=SERVICES[name])
     sim = sub.add_parser("sim", help=SERVICES["sim"])
     sim.add_argument("--devices", type=int, default=3)
@@ -172,6 +173,11 @@ def build_service(command: str, settings: settings_mod.Settings):
         from cloud.db import make_engine
 
         return AlarmService(settings, bus, make_engine(settings.database_url))
+    if command == "notifier":
+        from cloud.db import make_engine
+        from cloud.notifier import Notifier
+
+        return Notifier(settings, bus, make_engine(settings.database_url))
     raise SystemExit(f"unknown service {command}")
 
 

@@ -3,7 +3,7 @@
     firmware processes (MicroPython unix port, emulated BME280)
         -> embedded MQTT broker (amqtt, thread)
         -> bridge (thread) -> in-process bus -> writer (thread) -> SQLite + in-memory latest values
-                                             -> alarms (thread)
+                                             -> alarms (thread) -> notifier (thread) -> the tenant's webhooks
         <- commands: web (thread) -> bus -> bridge -> broker -> firmware
 
 Every part is the production code; only the broker, the bus, the database and the cache are the embedded
@@ -59,6 +59,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
     from cloud.bridge import Bridge
     from cloud.broker import EmbeddedBroker
     from cloud.cache import cache_from_settings
+    from cloud.notifier import Notifier
     from cloud.service import OpsServer, install_stop_signals
     from cloud.sim import FirmwareFleet
     from cloud.webserver import WebServer
@@ -79,6 +80,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
         mqtt_url=f"mqtt://{host}:{mqtt_port}",
         kafka_bootstrap=None,
         redis_url=None,
+        webhook_allow_private=True,  # the demo runs on this machine for its user: a receiver here is the usual test
     )
     if not port_is_free(settings.web_port, settings.web_host):
         print(f"error: dashboard port {settings.web_port} is in use; pick another with IOT_WEB_PORT or --port")
@@ -108,6 +110,7 @@ def run_demo(settings: Settings, *, devices: int = 3, web_port: int | None = Non
         AlarmService = None
     if AlarmService is not None:
         services.append(AlarmService(settings, bus, engine))
+    services.append(Notifier(settings, bus, engine))
     threads = [threading.Thread(target=s.run, args=(stop,), name=s.name, daemon=True) for s in services]
     for thread in threads:
         thread.start()

@@ -1370,10 +1370,10 @@ class Platform:
 
     SecureMosquitto (accounts from the database, TLS listener with a CA from cloud.ca), PostgreSQL, Redis, Kafka;
     then the one-shot ``kafka-init`` and ``db upgrade``; the account watcher (cloud.mqtt_auth.Watcher, a thread
-    here, SIGHUP to the broker); then ``bridge``, ``writer``, ``alarms`` and ``web`` as processes. ``env()`` is
-    what the services got; ``stop()`` stops everything in reverse order."""
+    here, SIGHUP to the broker); then ``bridge``, ``writer``, ``alarms``, ``notifier`` and ``web`` as processes.
+    ``env()`` is what the services got; ``stop()`` stops everything in reverse order."""
 
-    SERVICES = ("bridge", "writer", "alarms", "web")
+    SERVICES = ("bridge", "writer", "alarms", "notifier", "web")
 
     def __init__(self, base: str | os.PathLike, *, kafka_libs: str | None = None, web_port: int | None = None,
                  services: Sequence[str] = SERVICES, secret_key: str | None = None, extra_env=None,

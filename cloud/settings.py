@@ -83,6 +83,9 @@ class Settings:
     # the newest reading of a device whose tenant nobody watches live goes to the cache (Redis) at most this often,
     # readings of watched tenants with every batch; 0: every batch (why: cloud.writer.Writer._cache_stage)
     cache_flush_ms: int = 1000
+    # webhook URLs may name loopback, private and link-local addresses: a tenant's admin could otherwise make the
+    # notifier POST into the platform's own network (Redis, the database, cloud metadata). Tests and the demo only.
+    webhook_allow_private: bool = False
     log_level: str = "INFO"
 
     @property
@@ -191,6 +194,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "IOT_TELEMETRY_RETENTION_MS": ("telemetry_retention_ms", _int_range(60_000, 10**13)),
     "IOT_BRIDGE_GROUP": ("bridge_group", _text),
     "IOT_BRIDGE_SHARED": ("bridge_shared", _bool),
+    "IOT_WEBHOOK_ALLOW_PRIVATE": ("webhook_allow_private", _bool),
     "IOT_BRIDGE_MAX_INFLIGHT": ("bridge_max_inflight", _int_range(1, 1_000_000)),
     "IOT_BRIDGE_READ_INTERVAL_MS": ("bridge_read_interval_ms", _int_range(0, 1000)),
     "IOT_MAX_PAYLOAD_BYTES": ("max_payload_bytes", _int_range(64, 1_048_576)),

@@ -52,5 +52,5 @@ def test_cli_stops_with_one_line(tmp_path):
 
 def test_help_lists_the_services():
     out = subprocess.run([sys.executable, "-m", "cloud", "--help"], capture_output=True, text=True, timeout=60).stdout
-    for service in ("demo", "bridge", "writer", "web", "kafka-init", "sim", "alarms", "db"):
+    for service in ("demo", "bridge", "writer", "web", "kafka-init", "sim", "alarms", "notifier", "db"):
         assert f"    {service}" in out

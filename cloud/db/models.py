@@ -82,6 +82,19 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class Webhook(Base):
+    """Where a tenant's alarm events are POSTed (cloud.notifier), signed with ``secret`` (HMAC-SHA256; the secret
+    is shown once at creation and kept here because signing needs it)."""
+    __tablename__ = "webhooks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(120))
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(64))
+    min_severity: Mapped[str] = mapped_column(String(16), default="warning")  # this severity and above
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Device(Base):
     __tablename__ = "devices"
     # The device id is the MQTT identity (devices/<id>/...), unique across all tenants.

@@ -21,7 +21,8 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from cloud import schema
-from cloud.db.models import (ROLLUPS, Alarm, ApiToken, Command, Device, Rule, Telemetry, Tenant, User, utcnow)
+from cloud.db.models import (ROLLUPS, Alarm, ApiToken, Command, Device, Rule, Telemetry, Tenant, User, Webhook,
+                              utcnow)
 from cloud.passwords import (dummy_verify, hash_device_password, hash_password, new_secret, token_digest,
                              verify_password)
 
@@ -203,6 +204,37 @@ def revoke_api_token(session: Session, tenant_id: int, token_id: int) -> ApiToke
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()
+    return row
+
+
+# --- webhooks (alarm notifications, cloud.notifier) -------------------------------------------------------
+
+def create_webhook(session: Session, tenant_id: int, name: str, url: str,
+                   min_severity: str = "warning") -> tuple[Webhook, str]:
+    """A new webhook and its signing secret (returned here; shown to the admin once). ``url`` must already be
+    checked (``cloud.notifier.check_url``)."""
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("webhook name must not be empty")
+    if min_severity not in schema.SEVERITIES:
+        raise ValueError(f"min_severity must be one of {', '.join(schema.SEVERITIES)}")
+    secret = "whsec_" + new_secret(24)
+    row = Webhook(tenant_id=tenant_id, name=name[:120], url=url, secret=secret, min_severity=min_severity)
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+def list_webhooks(session: Session, tenant_id: int) -> list[Webhook]:
+    return list(session.scalars(select(Webhook).where(Webhook.tenant_id == tenant_id).order_by(Webhook.id)))
+
+
+def delete_webhook(session: Session, tenant_id: int, webhook_id: int) -> Webhook:
+    row = session.scalar(select(Webhook).where(Webhook.tenant_id == tenant_id, Webhook.id == webhook_id))
+    if row is None:
+        raise NotFound(f"webhook {webhook_id} not found")
+    session.delete(row)
+    session.flush()
     return row
 
 

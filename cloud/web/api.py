@@ -680,6 +680,44 @@ def change_password():
     return "", 204
 
 
+# --- webhooks (admin): alarm notifications, sent by cloud.notifier ----------------------------------------
+
+@bp.get("/webhooks")
+@login_required("admin")
+def webhooks():
+    with ctx().session_factory() as s:
+        return jsonify(items=[ser.webhook(w) for w in data.list_webhooks(s, _tid())])
+
+
+@bp.post("/webhooks")
+@login_required("admin")
+def create_webhook():
+    """The signing secret is in this answer only."""
+    from cloud.notifier import check_url
+
+    payload = body()
+    name = _str(payload, "name")
+    url = payload.get("url")
+    try:
+        check_url(url, ctx().settings.webhook_allow_private)
+    except ValueError as exc:
+        raise BadRequest(f"field 'url': {exc}") from None
+    severity = payload.get("min_severity", "warning")
+    if severity not in schema.SEVERITIES:
+        raise BadRequest(f"min_severity must be one of {', '.join(schema.SEVERITIES)}")
+    with ctx().session_factory() as s:
+        row, secret = data.create_webhook(s, _tid(), name, url, severity)
+        return jsonify({**ser.webhook(row), "secret": secret}), 201
+
+
+@bp.delete("/webhooks/<int(max=2147483647):webhook_id>")
+@login_required("admin")
+def delete_webhook(webhook_id: int):
+    with ctx().session_factory() as s:
+        data.delete_webhook(s, _tid(), webhook_id)
+    return "", 204
+
+
 # --- OpenAPI ----------------------------------------------------------------------------------------------
 
 @bp.get("/openapi.json")

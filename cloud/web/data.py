@@ -291,6 +291,22 @@ def revoke_token(s, tenant_id: int, token_id: int) -> ApiToken:
     return tok
 
 
+def list_webhooks(s, tenant_id: int):
+    return repo.list_webhooks(s, tenant_id)
+
+
+def create_webhook(s, tenant_id: int, name: str, url: str, min_severity: str):
+    row, secret = repo.create_webhook(s, tenant_id, name, url, min_severity)
+    s.commit()
+    return row, secret
+
+
+def delete_webhook(s, tenant_id: int, webhook_id: int):
+    row = repo.delete_webhook(s, tenant_id, webhook_id)
+    s.commit()
+    return row
+
+
 def list_users(s, tenant_id: int) -> list[User]:
     return repo.list_users(s, tenant_id)
 

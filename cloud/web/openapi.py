@@ -193,6 +193,23 @@ def spec() -> dict:
             "delete": _also(_op("Remove a user (their sessions end)", {"description": "Removed"}, code="204",
                                 role="admin", params=[_path("user_id", "user id", "integer")]), "409", LAST_ADMIN),
         },
+        "/api/v1/webhooks": {
+            "get": _op("Alarm webhooks of the tenant (cloud.notifier POSTs every alarm event to them)",
+                       _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Webhook")}}}),
+                       role="admin"),
+            "post": _op("Create an alarm webhook (its signing secret is returned once)",
+                        _json({"allOf": [_ref("Webhook"), {"type": "object", "properties": {
+                            "secret": {"type": "string"}}}]}, "Created"), code="201", role="admin",
+                        description="Each delivery carries X-IoT-Signature: sha256=<hex HMAC-SHA256 of the body "
+                                    "with the secret> and X-IoT-Delivery: <alarm_id>.<state> (the same on a "
+                                    "redelivery).",
+                        body={"type": "object", "required": ["name", "url"], "properties": {
+                            "name": {"type": "string"}, "url": {"type": "string", "format": "uri"},
+                            "min_severity": {"type": "string", "enum": list(SEVERITIES)}}}),
+        },
+        "/api/v1/webhooks/{webhook_id}": {"delete": _op("Delete an alarm webhook", {"description": "Deleted"},
+                                                        code="204", role="admin",
+                                                        params=[_path("webhook_id", "webhook id", "integer")])},
         "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "parameters": [],
                                          "responses": {"200": {"description": "OpenAPI 3 JSON"}}}},
     }
@@ -257,6 +274,9 @@ def spec() -> dict:
                                                    "role": {"type": "string"}, "created_at": {"type": "string"},
                                                    "revoked": {"type": "boolean"}}},
         "NewToken": {"allOf": [_ref("Token"), {"type": "object", "properties": {"token": {"type": "string"}}}]},
+        "Webhook": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"}, "url": {"type": "string"},
+            "min_severity": {"type": "string", "enum": list(SEVERITIES)}, "created_at": {"type": "string"}}},
         "User": {"type": "object", "properties": {"id": {"type": "integer"}, "email": {"type": "string"},
                                                   "role": {"type": "string"}, "created_at": {"type": "string"}}},
     }

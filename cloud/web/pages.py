@@ -270,7 +270,9 @@ def _admin_page(**extra):
         devices = [ser.device(d) for d in items]
         users = [ser.user(u) for u in data.list_users(s, _tid())]
         tokens = [ser.token(t) for t in data.list_tokens(s, _tid())]
-    return render_template("admin.html", devices=devices, users=users, tokens=tokens, roles=ROLES, **extra)
+        webhooks = [ser.webhook(w) for w in data.list_webhooks(s, _tid())]
+    return render_template("admin.html", devices=devices, users=users, tokens=tokens, webhooks=webhooks, roles=ROLES,
+                           severities=schema.SEVERITIES, **extra)
 
 
 def _issued(device: dict, password: str) -> dict:
@@ -394,6 +396,37 @@ def account_password():
         return render_template("account.html"), status
     flash("Password changed. Your other sessions have been signed out.")
     return redirect(url_for("pages.account"))
+
+
+@bp.post("/admin/webhooks")
+@login_required("admin")
+def add_webhook():
+    from cloud.notifier import check_url
+
+    name = (request.form.get("name") or "").strip()[:120]
+    url = (request.form.get("url") or "").strip()
+    severity = request.form.get("min_severity") or "warning"
+    try:
+        check_url(url, ctx().settings.webhook_allow_private)
+    except ValueError as exc:
+        flash(f"Webhook URL: {exc}.", "error")
+        return _admin_page(), 400
+    if not name or severity not in schema.SEVERITIES:
+        flash("A webhook needs a name and a severity.", "error")
+        return _admin_page(), 400
+    with ctx().session_factory() as s:
+        row, secret = data.create_webhook(s, _tid(), name, url, severity)
+        issued_webhook = {"name": row.name, "url": row.url, "secret": secret}
+    return _admin_page(issued_webhook=issued_webhook)
+
+
+@bp.post("/admin/webhooks/<int(max=2147483647):webhook_id>/delete")
+@login_required("admin")
+def delete_webhook(webhook_id: int):
+    with ctx().session_factory() as s:
+        row = data.delete_webhook(s, _tid(), webhook_id)
+        flash(f"Webhook {row.name} deleted.")
+    return redirect(url_for("pages.admin"))
 
 
 @bp.post("/admin/tokens")

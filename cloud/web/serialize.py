@@ -97,5 +97,9 @@ def token(t: Any) -> dict[str, Any]:
             "revoked": t.revoked_at is not None}
 
 
+def webhook(w: Any) -> dict[str, Any]:
+    return {"id": w.id, "name": w.name, "url": w.url, "min_severity": w.min_severity, "created_at": iso(w.created_at)}
+
+
 def user(u: Any) -> dict[str, Any]:
     return {"id": u.id, "email": u.email, "role": u.role, "created_at": iso(u.created_at)}

@@ -85,7 +85,7 @@ def _ours(svc: dict) -> bool:
 
 def test_topology_has_every_part(services):
     expected = {"kafka", "kafka-init", "postgres", "migrate", "redis", "mosquitto", "mqtt-auth-init", "mqtt-auth",
-                "bridge", "writer", "alarms", "web", "prometheus", "grafana", "console", "traefik",
+                "bridge", "writer", "alarms", "notifier", "web", "prometheus", "grafana", "console", "traefik",
                 "connect", "connect-init"}
     assert expected <= set(services), expected - set(services)
     assert "apache/kafka" in services["kafka"]["image"]

@@ -13,12 +13,15 @@ Embedded: `python -m cloud demo` as a user runs it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -191,8 +194,36 @@ def e2e_database(postgres):
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+class WebhookReceiver:
+    """An HTTP endpoint on loopback that keeps every POST's body and signature header."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        posts = self.posts = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                posts.append((self.rfile.read(int(self.headers["Content-Length"])),
+                              self.headers.get("X-IoT-Signature")))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_database):
     run_id = f"e2e{int(time.time())}"
+    receiver = WebhookReceiver()
     web_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
     env.update({
@@ -208,6 +239,7 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
         "IOT_WEB_THREADS": "16",
         "IOT_BRIDGE_GROUP": run_id,
         "IOT_KAFKA_PARTITIONS": "3",
+        "IOT_WEBHOOK_ALLOW_PRIVATE": "true",  # the webhook's receiver is this test, on loopback
         # topics of their own, so this run shares nothing with other tests on the same Kafka
         **{f"IOT_TOPIC_{kind}": f"{run_id}.{kind.lower()}" for kind in
            ("TELEMETRY", "STATUS", "ACKS", "ALARMS", "CONTROL", "COMMAND_STATUS", "DEADLETTER")},
@@ -227,6 +259,11 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
         tenant = repo.create_tenant(session, f"{run_id}-tenant")
         repo.create_device(session, tenant.id, device_id, "e2e sensor")
         _, token = repo.create_api_token(session, tenant.id, "e2e", "operator")
+        # every reading of the device (about 21 degC) is above this: the alarm service raises at once, and the
+        # notifier POSTs the event to the webhook below
+        repo.create_rule(session, tenant.id, name="e2e-hot", kind="threshold", metric="t", max=0.0,
+                         severity="critical", device_id=device_id)
+        _, webhook_secret = repo.create_webhook(session, tenant.id, "e2e", receiver.url + "/alarms")
         session.commit()
 
     logs: dict[str, Path] = {}
@@ -239,7 +276,7 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
         return "\n".join(parts) + f"\n--- firmware console ---\n{device.console()[-3000:]}"
 
     try:
-        for name in ("bridge", "writer", "web"):
+        for name in ("bridge", "writer", "alarms", "notifier", "web"):
             logs[name] = tmp_path / f"{name}.log"
             services[name] = subprocess.Popen([sys.executable, "-m", "cloud", name], env=env, cwd=tmp_path,
                                               stdout=logs[name].open("wb"), stderr=subprocess.STDOUT,
@@ -255,6 +292,13 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
 
         cached = redis_lib.Redis.from_url(redis.url).hgetall(f"iot:latest:{device_id}")
         assert cached, "latest values are not in Redis"
+        # the alarm, from the device through bridge, Kafka, alarm service, Kafka and notifier to the webhook
+        wait_for("the alarm at the webhook", lambda: receiver.posts, 60, diagnostics)
+        body, signature = receiver.posts[0]
+        event = json.loads(body)
+        assert (event["device"], event["rule"], event["state"], event["severity"]) == \
+            (device_id, "e2e-hot", "raised", "critical")
+        assert signature == "sha256=" + hmac.new(webhook_secret.encode(), body, hashlib.sha256).hexdigest()
     finally:
         device.stop()
         codes = {}
@@ -268,7 +312,8 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
                 os.killpg(proc.pid, signal.SIGKILL)
                 codes[name] = proc.wait()
         engine.dispose()
-    assert codes == {"bridge": 0, "writer": 0, "web": 0}, diagnostics()
+        receiver.close()
+    assert codes == {"bridge": 0, "writer": 0, "alarms": 0, "notifier": 0, "web": 0}, diagnostics()
 
 
 def _healthy(base: str) -> bool:

@@ -58,6 +58,8 @@ class Tenant:
             rule = repo.create_rule(s, t.id, name=f"{self.marker[:20]}-rule", kind="threshold", metric="t",
                                     max=30.0, severity="major")
             self.rule_id = rule.id
+            hook, _ = repo.create_webhook(s, t.id, f"{self.marker}-hook", f"https://{self.marker.lower()}.example/h")
+            self.webhook_id = hook.id
             now_ms = int(time.time() * 1000)
             self.alarm_id = str(uuid.uuid4())
             repo.apply_alarm_event(s, t.id, schema.AlarmEvent(
@@ -104,7 +106,8 @@ def fill(rule, owner: Tenant) -> list[str]:
     """URLs for ``rule`` pointing at ``owner``'s objects (one per value of non-id parameters)."""
     values = {"device_id": [owner.device_id], "cid": [owner.cid], "alarm_id": [owner.alarm_id],
               "rule_id": [owner.rule_id], "token_id": [owner.token_id], "user_id": [owner.user.id],
-              "tenant_id": [owner.id], "action": ACTIONS, "filename": ["app.css"]}
+              "tenant_id": [owner.id], "webhook_id": [owner.webhook_id], "action": ACTIONS,
+              "filename": ["app.css"]}
     unknown = [a for a in rule.arguments if a not in values]
     if unknown:
         raise KeyError(f"{rule.rule}: no value for path parameter(s) {unknown}; teach FILL in this file")
@@ -212,7 +215,7 @@ def test_other_tenant_cannot_reach_or_change_anything(sweep, how):
 
 
 def _assert_untouched(engine, a: Tenant) -> None:
-    from cloud.db.models import Alarm, ApiToken, Command, Device, Rule, User
+    from cloud.db.models import Alarm, ApiToken, Command, Device, Rule, User, Webhook
 
     with db.session_factory(engine)() as s:
         device = s.get(Device, a.device_id)
@@ -224,6 +227,7 @@ def _assert_untouched(engine, a: Tenant) -> None:
         assert s.get(Rule, a.rule_id) is not None
         assert s.get(ApiToken, a.token_id).revoked_at is None
         assert s.get(User, a.user.id).role == "admin" and s.get(User, a.other_user.id).role == "viewer"
+        assert s.get(Webhook, a.webhook_id).url == f"https://{a.marker.lower()}.example/h"
         assert repo.authenticate(s, a.email, PASSWORD) is not None  # password unchanged
 
 

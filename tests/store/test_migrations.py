@@ -11,7 +11,7 @@ from cloud.db.migrations_support import include_name, include_object_for
 from cloud.db.models import Base
 
 TABLES = {"tenants", "users", "api_tokens", "devices", "device_boots", "telemetry", "telemetry_1m", "telemetry_1h",
-          "rules", "alarms", "commands", "rollup_watermark"}
+          "rules", "alarms", "commands", "rollup_watermark", "webhooks"}
 
 
 def _diff(url):

@@ -38,6 +38,7 @@ API_ROUTES_WITH_IDS = [
     ("DELETE", "/api/v1/tokens/{t}", None),
     ("PATCH", "/api/v1/users/{u}", {"role": "viewer", "password": "stolen password"}),
     ("DELETE", "/api/v1/users/{u}", None),
+    ("DELETE", "/api/v1/webhooks/{w}", None),
     ("GET", "/api/v1/rules?device={d}", None),
     ("POST", "/api/v1/rules", {"name": "x", "device": "{d}", "metric": "t", "max": 30}),
 ]
@@ -58,7 +59,10 @@ def b_objects(world):
         s.commit()
         token_id = tok.id
         user_id = s.scalar(select(User.id).where(User.email == world.b.users["admin"]))
-    return {"d": dev, "c": r.json["cid"], "a": alarm_id, "r": rule["id"], "t": token_id, "u": user_id}
+        hook, _ = repo.create_webhook(s, world.b.id, "b-hook", "https://b.example/hook")
+        s.commit()
+        hook_id = hook.id
+    return {"d": dev, "c": r.json["cid"], "a": alarm_id, "r": rule["id"], "t": token_id, "u": user_id, "w": hook_id}
 
 
 def insert_alarm(world, tenant_id: int, device_id: str) -> str:
@@ -286,6 +290,7 @@ def test_cross_tenant_every_route(world, b_objects):
     assert c.get(f"/api/v1/devices/{b_objects['d']}", headers=hb).json["revoked"] is False
     assert c.get(f"/api/v1/rules/{b_objects['r']}", headers=hb).status_code == 200
     assert c.get(f"/api/v1/commands/{b_objects['c']}", headers=hb).status_code == 200
+    assert [w["id"] for w in c.get("/api/v1/webhooks", headers=hb).json["items"]] == [b_objects["w"]]
     users = {u["id"]: u["role"] for u in c.get("/api/v1/users", headers=hb).json["items"]}
     assert users[b_objects["u"]] == "admin"
     login(world.client(), world.b.users["admin"])  # B's admin still signs in with the password it had
@@ -293,7 +298,7 @@ def test_cross_tenant_every_route(world, b_objects):
     assert [a["state"] for a in alarms if a["id"] == b_objects["a"]] == ["raised"]
     # and lists never leak
     for path in ("/api/v1/devices", "/api/v1/alarms", "/api/v1/commands", "/api/v1/rules", "/api/v1/tokens",
-                 "/api/v1/users"):
+                 "/api/v1/users", "/api/v1/webhooks"):
         text = c.get(path, headers=world.a.auth("admin")).get_data(as_text=True)
         assert b_objects["d"] not in text and world.b.users["admin"] not in text, path
 

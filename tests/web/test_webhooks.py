@@ -1,0 +1,72 @@
+"""Alarm webhooks in the API and on the admin page (the deliveries themselves: tests/test_notifier.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.web.conftest import login
+
+
+def test_create_list_delete(world):
+    c, h = world.client(), world.a.auth("admin")
+    r = c.post("/api/v1/webhooks", json={"name": "ops pager", "url": "https://hooks.example.com/iot",
+                                         "min_severity": "major"}, headers=h)
+    assert r.status_code == 201, r.json
+    created = r.json
+    assert created["secret"].startswith("whsec_") and len(created["secret"]) > 30
+    assert created["url"] == "https://hooks.example.com/iot" and created["min_severity"] == "major"
+    listed = c.get("/api/v1/webhooks", headers=h).json["items"]
+    mine = [w for w in listed if w["id"] == created["id"]]
+    assert mine == [{k: v for k, v in created.items() if k != "secret"}]  # the secret is shown once only
+    assert "secret" not in c.get("/api/v1/webhooks", headers=h).get_data(as_text=True)
+    default = c.post("/api/v1/webhooks", json={"name": "all", "url": "https://hooks.example.com/all"}, headers=h)
+    assert default.json["min_severity"] == "warning"  # every alarm event
+    assert c.delete(f"/api/v1/webhooks/{created['id']}", headers=h).status_code == 204
+    assert c.delete(f"/api/v1/webhooks/{created['id']}", headers=h).status_code == 404
+    assert created["id"] not in [w["id"] for w in c.get("/api/v1/webhooks", headers=h).json["items"]]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"url": "https://hooks.example.com/"}, "missing field 'name'"),
+    ({"name": "x"}, "field 'url'"),
+    ({"name": "x", "url": 42}, "field 'url'"),
+    ({"name": "x", "url": "javascript:alert(1)"}, "http:// or https://"),
+    ({"name": "x", "url": "http://127.0.0.1:6379/"}, "not a public address"),
+    ({"name": "x", "url": "http://192.168.1.10/hook"}, "not a public address"),
+    ({"name": "x", "url": "https://hooks.example.com/", "min_severity": "fatal"}, "min_severity must be one of"),
+])
+def test_bad_webhooks_are_refused_with_a_message(world, body, message):
+    r = world.client().post("/api/v1/webhooks", json=body, headers=world.a.auth("admin"))
+    assert r.status_code == 400 and message in r.json["error"], r.json
+
+
+def test_only_admins_manage_webhooks(world):
+    c = world.client()
+    for role in ("operator", "viewer"):
+        assert c.get("/api/v1/webhooks", headers=world.a.auth(role)).status_code == 403
+        r = c.post("/api/v1/webhooks", json={"name": "x", "url": "https://hooks.example.com/"},
+                   headers=world.a.auth(role))
+        assert r.status_code == 403
+
+
+def test_admin_page_adds_and_deletes_a_webhook(world):
+    client = world.client()
+    csrf = login(client, world.a.users["admin"])
+    r = client.post("/admin/webhooks", data={"name": "page hook", "url": "https://hooks.example.com/page",
+                                             "min_severity": "critical", "csrf_token": csrf})
+    assert r.status_code == 200
+    page = r.get_data(as_text=True)
+    secret = re.search(r'id="issued-webhook-secret">(whsec_[^<]+)<', page).group(1)
+    assert "https://hooks.example.com/page" in page
+    assert secret not in client.get("/admin").get_data(as_text=True)  # shown once
+    r = client.post("/admin/webhooks", data={"name": "inside", "url": "http://10.0.0.5/x", "min_severity": "minor",
+                                             "csrf_token": csrf})
+    assert r.status_code == 400 and "not a public address" in r.get_data(as_text=True)
+    hook_id = [w["id"] for w in world.client().get("/api/v1/webhooks", headers=world.a.auth("admin")).json["items"]
+               if w["name"] == "page hook"][0]
+    r = client.post(f"/admin/webhooks/{hook_id}/delete", data={"csrf_token": csrf})
+    assert r.status_code == 302
+    assert "Webhook page hook deleted." in client.get("/admin").get_data(as_text=True)
+    assert client.post(f"/admin/webhooks/{hook_id}/delete", data={"csrf_token": csrf}).status_code == 404
