@@ -68,18 +68,6 @@ def _tid() -> int:
     return g.principal.tenant_id
 
 
-@bp.before_request
-def refuse_unstorable_text():
-    """A 400 naming the problem, instead of a database error deep inside a request."""
-    parts: list[Any] = [request.path, list(request.args.keys()), list(request.args.values())]
-    if request.is_json:
-        parts.append(request.get_json(silent=True))
-    problem = schema.unstorable_text(parts)
-    if problem:
-        return jsonify(error=f"bad text in the request: {problem}"), 400
-    return None
-
-
 def body() -> dict[str, Any]:
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):

@@ -154,6 +154,20 @@ def load_principal() -> None:
     g.principal = _session_principal()
 
 
+def unstorable_request_text() -> str | None:
+    """Why the request carries text no store can keep (NUL, lone surrogates: ``schema.unstorable_text``), in its
+    path, query, form or JSON body; None when it does not. Every route answers that with a 400 naming the problem,
+    instead of a database error (500) deep inside the request: a login form's email, a token's name, an API body."""
+    from cloud import schema
+
+    parts: list = [request.path, list(request.args.keys()), list(request.args.values())]
+    if request.form:
+        parts += [list(request.form.keys()), list(request.form.values())]
+    if request.is_json:
+        parts.append(request.get_json(silent=True))
+    return schema.unstorable_text(parts)
+
+
 def check_csrf():
     if request.method not in UNSAFE or g.get("bearer"):
         return None
@@ -171,6 +185,9 @@ def init_app(app) -> None:
             return None
         if request.path in ("/healthz", "/metrics"):
             return None
+        problem = unstorable_request_text()
+        if problem:
+            return _error(400, f"bad text in the request: {problem}")
         load_principal()
         if request.path == "/ws":
             release_request_session()

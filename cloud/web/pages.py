@@ -34,6 +34,7 @@ def _not_found(exc):
     return render_template("error.html", code=404, message=str(exc.args[0])), 404
 
 
+
 @bp.get("/")
 @login_required()
 def index():

@@ -160,6 +160,30 @@ def test_admin_users_and_tokens_pages(world):
     assert world.b.users["admin"] not in b_html
 
 
+@pytest.mark.parametrize("path, form", [
+    ("/admin/tokens", {"name": "bad\x00name", "role": "viewer"}),
+    ("/admin/users", {"email": "nul\x00@acme.example", "password": "long enough pw", "role": "viewer"}),
+    ("/admin/webhooks", {"name": "hook\x00", "url": "https://hooks.example.com/", "min_severity": "minor"}),
+    ("/admin/devices", {"id": "dev-nul", "name": "boiler\x00room"}),
+    ("/account/password", {"current_password": "x\x00", "new_password": "long enough pw",
+                           "confirm_password": "long enough pw"}),
+])
+def test_forms_refuse_text_no_store_can_keep(world, path, form):
+    """A NUL in a form field is a 400 naming it, not a database error (PostgreSQL refuses NUL in text)."""
+    c = world.client()
+    login(c, world.a.users["admin"])
+    r = c.post(path, data={**form, "csrf_token": csrf_of(c, "/admin")})
+    assert r.status_code == 400 and "NUL" in r.get_data(as_text=True), (path, r.status_code)
+
+
+def test_login_refuses_text_no_store_can_keep(world):
+    c = world.client()
+    page = c.get("/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = c.post("/login", data={"email": "a\x00@acme.example", "password": "whatever it is", "csrf_token": csrf})
+    assert r.status_code == 400 and "NUL" in r.get_data(as_text=True)
+
+
 def test_logout(world):
     c = world.client()
     login(c, world.a.users["viewer"])
