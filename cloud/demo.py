@@ -25,14 +25,16 @@ log = logging.getLogger("cloud.demo")
 
 DEMO_TENANT = "demo"
 DEMO_ADMIN = "admin@demo.local"
+DEMO_RULE = "too-hot"  # t above 30 degC, the whole demo tenant
 
 
 def provision_demo(engine, device_ids: list[str]) -> tuple[int, str]:
-    """Tenant, admin user (fresh password each start, printed once) and the simulated devices."""
+    """Tenant, admin user (fresh password each start, printed once), the simulated devices, and a first alarm rule
+    when the tenant has none."""
     from sqlalchemy import select
 
     from cloud.db import repo, session_factory
-    from cloud.db.models import Tenant, User
+    from cloud.db.models import Rule, Tenant, User
     from cloud.passwords import hash_password
 
     password = secrets.token_urlsafe(9)
@@ -48,6 +50,10 @@ def provision_demo(engine, device_ids: list[str]) -> tuple[int, str]:
         for device_id in device_ids:
             if repo.get_device(session, tenant_id, device_id) is None:
                 repo.create_device(session, tenant_id, device_id, f"Demo sensor {device_id.rsplit('-', 1)[-1]}")
+        if session.scalar(select(Rule.id).where(Rule.tenant_id == tenant_id).limit(1)) is None:
+            # one tenant-wide rule to start with, so an alarm is one warm sensor away (README; editable per device)
+            repo.create_rule(session, tenant_id, name=DEMO_RULE, kind="threshold", metric="t", max=30.0,
+                             severity="major")
         session.commit()
     return tenant_id, password
 

@@ -122,6 +122,7 @@ def no_process_in(directory: Path) -> list[int]:
 
 def test_slice_embedded_profile(tmp_path):
     web_port, mqtt_port = free_port(), free_port()
+    receiver = WebhookReceiver()
     data_dir = tmp_path / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in list(env):
@@ -151,6 +152,7 @@ def test_slice_embedded_profile(tmp_path):
         with db.session_factory(engine)() as session:
             tenant = session.scalar(select(Tenant).where(Tenant.name == "demo"))
             _, token = repo.create_api_token(session, tenant.id, "e2e", "operator")
+            repo.create_webhook(session, tenant.id, "e2e", receiver.url + "/demo")  # the demo allows loopback
             session.commit()
 
         base = f"http://127.0.0.1:{web_port}"
@@ -159,6 +161,11 @@ def test_slice_embedded_profile(tmp_path):
         for device_id in ("demo-2", "demo-3"):
             wait_for(f"{device_id} latest", lambda d=device_id: call(base, token, "GET",
                                                                     f"/api/v1/devices/{d}/latest")[1].get("t"), 30)
+        # README: warming an emulated sensor raises the demo's first rule, and the alarm reaches a webhook
+        (data_dir / "devices" / "demo-2" / "sensor_env.json").write_text('{"t": 31.5}')
+        wait_for("demo-2's alarm at the webhook", lambda: [json.loads(b) for b, _ in receiver.posts], 60)
+        event = json.loads(receiver.posts[0][0])
+        assert (event["device"], event["rule"], event["state"]) == ("demo-2", "too-hot", "raised")
         # the dashboard answers a logged-out browser with the login page
         with urllib.request.urlopen(base + "/login", timeout=10) as response:
             assert response.status == 200 and b"password" in response.read().lower()
@@ -166,6 +173,7 @@ def test_slice_embedded_profile(tmp_path):
         assert assert_stored_once_without_gaps(engine, "demo-1") >= 2
         engine.dispose()
     finally:
+        receiver.close()
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)
         try:
