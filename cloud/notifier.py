@@ -31,11 +31,13 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import json
 import logging
 import socket
 import ssl
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -119,6 +121,46 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self._hostname)  # type: ignore[attr-defined]
+
+
+def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool,
+         tls: ssl.SSLContext | None = None) -> tuple[int | None, str]:
+    """One POST of ``body`` to ``url``: (HTTP status, detail), (0, why) for an address that must not be called,
+    or (None, what went wrong before an answer). Redirects are not followed."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    try:
+        address = resolve(parts.hostname, port, allow_private)
+        if https:
+            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, port, parts.hostname, TIMEOUT_S,
+                                                                      tls or ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT_S)
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host = parts.netloc.rsplit("@", 1)[-1]  # the URL's host[:port], as a browser would send it
+            conn.request("POST", path, body=body, headers={**headers, "Host": host})
+            response = conn.getresponse()
+            response.read(65536)
+            return response.status, f"HTTP {response.status}"
+        finally:
+            conn.close()
+    except BlockedAddress as exc:
+        return 0, str(exc)  # not retried: a status outside 2xx/408/429/5xx
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+def send_test_event(url: str, secret: str, tenant_id: int, allow_private: bool) -> tuple[bool, int | None, str]:
+    """A test event, signed like an alarm event, sent once (the admin page's "Send test"): (delivered, status,
+    detail). The body says ``"type": "test"`` and has no ``alarm_id``, so a receiver cannot take it for an alarm."""
+    body = json.dumps({"v": 1, "type": "test", "tenant": str(tenant_id), "ts": schema.now_ms()},
+                      separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "iot-platform-notifier",
+               "X-IoT-Delivery": f"test.{uuid.uuid4()}", "X-IoT-Signature": signature(secret, body)}
+    status, detail = post(url, body, headers, allow_private)
+    return status is not None and 200 <= status < 300, status, detail
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -253,30 +295,7 @@ class Notifier:
         return f"webhook {hook.id} ({urlsplit(hook.url).hostname}) failed: {detail}"
 
     def post(self, hook: Hook, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
-        """One POST: (HTTP status, detail) or (None, what went wrong before an answer)."""
-        parts = urlsplit(hook.url)
-        https = parts.scheme == "https"
-        port = parts.port or (443 if https else 80)
-        try:
-            address = resolve(parts.hostname, port, self.settings.webhook_allow_private)
-            if https:
-                conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, port, parts.hostname, TIMEOUT_S,
-                                                                          self._tls)
-            else:
-                conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT_S)
-            try:
-                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                host = parts.netloc.rsplit("@", 1)[-1]  # the URL's host[:port], as a browser would send it
-                conn.request("POST", path, body=body, headers={**headers, "Host": host})
-                response = conn.getresponse()
-                response.read(65536)
-                return response.status, f"HTTP {response.status}"
-            finally:
-                conn.close()
-        except BlockedAddress as exc:
-            return 0, str(exc)  # not retried: a status outside 2xx/408/429/5xx
-        except (OSError, http.client.HTTPException) as exc:
-            return None, f"{type(exc).__name__}: {exc}"[:200]
+        return post(hook.url, body, headers, self.settings.webhook_allow_private, self._tls)
 
     # --- webhooks and dead letters ----------------------------------------------------------------------
     def _webhooks(self) -> dict[int, list[Hook]]:

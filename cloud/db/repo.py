@@ -229,10 +229,15 @@ def list_webhooks(session: Session, tenant_id: int) -> list[Webhook]:
     return list(session.scalars(select(Webhook).where(Webhook.tenant_id == tenant_id).order_by(Webhook.id)))
 
 
-def delete_webhook(session: Session, tenant_id: int, webhook_id: int) -> Webhook:
+def get_webhook(session: Session, tenant_id: int, webhook_id: int) -> Webhook:
     row = session.scalar(select(Webhook).where(Webhook.tenant_id == tenant_id, Webhook.id == webhook_id))
     if row is None:
         raise NotFound(f"webhook {webhook_id} not found")
+    return row
+
+
+def delete_webhook(session: Session, tenant_id: int, webhook_id: int) -> Webhook:
+    row = get_webhook(session, tenant_id, webhook_id)
     session.delete(row)
     session.flush()
     return row

@@ -698,6 +698,14 @@ def create_webhook():
         return jsonify({**ser.webhook(row), "secret": secret}), 201
 
 
+@bp.post("/webhooks/<int(max=2147483647):webhook_id>/test")
+@login_required("admin")
+def test_webhook(webhook_id: int):
+    """Send a signed test event to the webhook now and say how it went (the answer is 200 either way)."""
+    with ctx().session_factory() as s:
+        return jsonify(data.test_webhook(s, _tid(), webhook_id, ctx().settings.webhook_allow_private))
+
+
 @bp.delete("/webhooks/<int(max=2147483647):webhook_id>")
 @login_required("admin")
 def delete_webhook(webhook_id: int):

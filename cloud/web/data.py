@@ -301,6 +301,17 @@ def create_webhook(s, tenant_id: int, name: str, url: str, min_severity: str):
     return row, secret
 
 
+def test_webhook(s, tenant_id: int, webhook_id: int, allow_private: bool) -> dict[str, Any]:
+    """Send the webhook a signed test event now: ``{"delivered", "status", "detail"}``."""
+    from cloud.notifier import send_test_event
+
+    row = repo.get_webhook(s, tenant_id, webhook_id)
+    url, secret = row.url, row.secret
+    s.rollback()  # no transaction held open while the request goes out (up to the notifier's timeout)
+    delivered, status, detail = send_test_event(url, secret, tenant_id, allow_private)
+    return {"delivered": delivered, "status": status, "detail": detail}
+
+
 def delete_webhook(s, tenant_id: int, webhook_id: int):
     row = repo.delete_webhook(s, tenant_id, webhook_id)
     s.commit()

@@ -207,6 +207,13 @@ def spec() -> dict:
                             "name": {"type": "string"}, "url": {"type": "string", "format": "uri"},
                             "min_severity": {"type": "string", "enum": list(SEVERITIES)}}}),
         },
+        "/api/v1/webhooks/{webhook_id}/test": {"post": _op(
+            "Send the webhook a signed test event now", _json({"type": "object", "properties": {
+                "delivered": {"type": "boolean"}, "status": {"type": "integer", "nullable": True,
+                                                             "description": "the endpoint's HTTP status"},
+                "detail": {"type": "string"}}}), role="admin", params=[_path("webhook_id", "webhook id", "integer")],
+            description="The body is {\"v\":1,\"type\":\"test\",\"tenant\",\"ts\"}, signed like alarm events; "
+                        "200 whether or not the endpoint took it.")},
         "/api/v1/webhooks/{webhook_id}": {"delete": _op("Delete an alarm webhook", {"description": "Deleted"},
                                                         code="204", role="admin",
                                                         params=[_path("webhook_id", "webhook id", "integer")])},

@@ -421,6 +421,18 @@ def add_webhook():
     return _admin_page(issued_webhook=issued_webhook)
 
 
+@bp.post("/admin/webhooks/<int(max=2147483647):webhook_id>/test")
+@login_required("admin")
+def test_webhook(webhook_id: int):
+    with ctx().session_factory() as s:
+        result = data.test_webhook(s, _tid(), webhook_id, ctx().settings.webhook_allow_private)
+    if result["delivered"]:
+        flash(f"Test event delivered ({result['detail']}).")
+    else:
+        flash(f"Test event not delivered: {result['detail']}.", "error")
+    return redirect(url_for("pages.admin"))
+
+
 @bp.post("/admin/webhooks/<int(max=2147483647):webhook_id>/delete")
 @login_required("admin")
 def delete_webhook(webhook_id: int):

@@ -39,6 +39,7 @@ API_ROUTES_WITH_IDS = [
     ("PATCH", "/api/v1/users/{u}", {"role": "viewer", "password": "stolen password"}),
     ("DELETE", "/api/v1/users/{u}", None),
     ("DELETE", "/api/v1/webhooks/{w}", None),
+    ("POST", "/api/v1/webhooks/{w}/test", None),
     ("GET", "/api/v1/rules?device={d}", None),
     ("POST", "/api/v1/rules", {"name": "x", "device": "{d}", "metric": "t", "max": 30}),
 ]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
+import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from cloud import db
+from cloud.db import repo
 from tests.web.conftest import login
 
 
@@ -70,3 +78,59 @@ def test_admin_page_adds_and_deletes_a_webhook(world):
     assert r.status_code == 302
     assert "Webhook page hook deleted." in client.get("/admin").get_data(as_text=True)
     assert client.post(f"/admin/webhooks/{hook_id}/delete", data={"csrf_token": csrf}).status_code == 404
+
+
+@pytest.fixture
+def receiver():
+    got = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append((self.path, dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(404 if self.path == "/missing" else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}", got
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_send_test_event(world, receiver, monkeypatch):
+    url, got = receiver
+    with db.session_factory(world.backend.engine)() as s:  # a loopback URL, as only allow_private would accept
+        hook, secret = repo.create_webhook(s, world.a.id, "test me", url + "/hook")
+        missing, _ = repo.create_webhook(s, world.a.id, "gone", url + "/missing")
+        s.commit()
+        hook_id, missing_id = hook.id, missing.id
+    c, h = world.client(), world.a.auth("admin")
+    # private addresses not allowed (the default): refused at delivery, no request made
+    r = c.post(f"/api/v1/webhooks/{hook_id}/test", headers=h)
+    assert r.status_code == 200 and r.json["delivered"] is False and "not a public address" in r.json["detail"]
+    assert got == []
+    iot = world.app.extensions["iot"]
+    monkeypatch.setattr(iot, "settings", dataclasses.replace(iot.settings, webhook_allow_private=True))
+    r = c.post(f"/api/v1/webhooks/{hook_id}/test", headers=h)
+    assert r.json == {"delivered": True, "status": 200, "detail": "HTTP 200"}
+    path, headers, body = got[-1]
+    event = json.loads(body)
+    assert path == "/hook" and event["type"] == "test" and event["tenant"] == str(world.a.id)
+    assert "alarm_id" not in event and headers["X-IoT-Delivery"].startswith("test.")
+    assert headers["X-IoT-Signature"] == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    r = c.post(f"/api/v1/webhooks/{missing_id}/test", headers=h)
+    assert r.json == {"delivered": False, "status": 404, "detail": "HTTP 404"}
+    # the admin page's button says the same in a message
+    client = world.client()
+    csrf = login(client, world.a.users["admin"])
+    assert f"/admin/webhooks/{hook_id}/test" in client.get("/admin").get_data(as_text=True)
+    client.post(f"/admin/webhooks/{hook_id}/test", data={"csrf_token": csrf})
+    assert "Test event delivered (HTTP 200)." in client.get("/admin").get_data(as_text=True)
+    client.post(f"/admin/webhooks/{missing_id}/test", data={"csrf_token": csrf})
+    assert "Test event not delivered: HTTP 404." in client.get("/admin").get_data(as_text=True)
+    assert world.client().post("/api/v1/webhooks/2147483647/test", headers=h).status_code == 404
+    assert world.client().post(f"/api/v1/webhooks/{hook_id}/test", headers=world.a.auth("operator")).status_code == 403
