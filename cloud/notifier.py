@@ -21,8 +21,8 @@ At least once, nothing dropped silently
 Addresses
     Unless ``IOT_WEBHOOK_ALLOW_PRIVATE``, a URL whose host is or resolves to a loopback, private, link-local or
     otherwise non-public address is refused: at creation (literal addresses and ``localhost``) and at every
-    delivery, and the connection goes to the address that was checked, so a DNS answer that changes in between
-    cannot point it at the platform's own network.
+    delivery, and the connection goes to one of the addresses that were checked (the first that accepts it), so a
+    DNS answer that changes in between cannot point it at the platform's own network.
 """
 
 from __future__ import annotations
@@ -98,17 +98,17 @@ def check_url(url: str, allow_private: bool) -> str:
     return url
 
 
-def resolve(host: str, port: int, allow_private: bool) -> str:
-    """The address to connect to for ``host``: the first of its addresses, after every one was checked."""
+def resolve(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses to try for ``host``, in the resolver's order, after every one of them was checked."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = [info[4][0] for info in infos]
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
         raise OSError(f"{host} has no address")
     if not allow_private:
         for address in addresses:
             if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
                 raise BlockedAddress(f"{host} resolves to {address}, not a public address")
-    return addresses[0]
+    return addresses
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -131,12 +131,8 @@ def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool,
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
     try:
-        address = resolve(parts.hostname, port, allow_private)
-        if https:
-            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, port, parts.hostname, TIMEOUT_S,
-                                                                      tls or ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT_S)
+        conn = _connect(resolve(parts.hostname, port, allow_private), port, parts.hostname if https else None,
+                        tls or ssl.create_default_context())
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.netloc.rsplit("@", 1)[-1]  # the URL's host[:port], as a browser would send it
@@ -150,6 +146,28 @@ def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool,
         return 0, str(exc)  # not retried: a status outside 2xx/408/429/5xx
     except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _connect(addresses: list[str], port: int, tls_hostname: str | None,
+             tls: ssl.SSLContext) -> http.client.HTTPConnection:
+    """A connection to the first of ``addresses`` that accepts one (a name with an IPv6 and an IPv4 address may
+    answer on only one of them), TLS verified for ``tls_hostname`` when given."""
+    error: OSError | None = None
+    for address in addresses:
+        if tls_hostname is not None:
+            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, port, tls_hostname, TIMEOUT_S, tls)
+        else:
+            conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT_S)
+        try:
+            conn.connect()
+            return conn
+        except ssl.SSLError:
+            conn.close()
+            raise  # the endpoint answered; its certificate is wrong: another address would not change that
+        except OSError as exc:
+            conn.close()
+            error = exc
+    raise error or OSError("no address to connect to")
 
 
 def send_test_event(url: str, secret: str, tenant_id: int, allow_private: bool) -> tuple[bool, int | None, str]:

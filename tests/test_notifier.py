@@ -251,7 +251,24 @@ def test_names_are_checked_at_delivery_and_private_addresses_allowed_only_when_a
     assert check_url("http://127.0.0.1:8080/hook", allow_private=True)
     with pytest.raises(BlockedAddress, match="resolves to 127.0.0.1"):
         resolve("localhost", 80, allow_private=False)
-    assert resolve("localhost", 80, allow_private=True) in ("127.0.0.1", "::1")
+    addresses = resolve("localhost", 80, allow_private=True)
+    assert "127.0.0.1" in addresses and set(addresses) <= {"127.0.0.1", "::1"}
+
+
+def test_the_first_address_that_accepts_a_connection_is_used(rig):
+    """A name with an IPv6 and an IPv4 address may answer on one only: the receiver listens on 127.0.0.1 alone."""
+    import ssl
+
+    from cloud.notifier import _connect
+
+    port = int(rig.receiver.url.rsplit(":", 1)[1])
+    conn = _connect(["::1", "127.0.0.1"], port, None, ssl.create_default_context())
+    try:
+        assert conn.sock.getpeername()[0] == "127.0.0.1"
+    finally:
+        conn.close()
+    with pytest.raises(OSError):
+        _connect(["::1"], port, None, ssl.create_default_context())
 
 
 def test_a_blocked_address_at_delivery_is_dead_lettered_without_a_request(rig):
@@ -263,3 +280,52 @@ def test_a_blocked_address_at_delivery_is_dead_lettered_without_a_request(rig):
     letters = rig.dead_letters(1)
     assert "not a public address" in letters[0]["reason"] and f"webhook {hook_id}" in letters[0]["reason"]
     assert rig.receiver.requests == []
+
+
+@pytest.fixture
+def tls_endpoint(tmp_path):
+    """An HTTPS endpoint on 127.0.0.1 whose certificate (from our own CA, cloud.ca) names only ``localhost``."""
+    import ssl
+
+    from cloud.ca import make_ca
+
+    files = make_ca(tmp_path / "ca", hosts=("localhost",), ips=())
+    got = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append((self.headers.get("Host"), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(files.server_crt, files.server_key)
+    httpd.socket = server_tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client_tls = ssl.create_default_context(cafile=str(files.ca_crt))
+    yield httpd.server_port, client_tls, got
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_url_host(tls_endpoint):
+    from cloud.notifier import post
+
+    port, tls, got = tls_endpoint
+    # the name resolves to 127.0.0.1, the connection goes there, and the certificate is checked for "localhost"
+    status, detail = post(f"https://localhost:{port}/hook", b"{}", {"Content-Type": "application/json"},
+                          allow_private=True, tls=tls)
+    assert (status, detail) == (202, "HTTP 202")
+    assert got == [(f"localhost:{port}", b"{}")]
+    # the same server under its address: the certificate does not name 127.0.0.1, so TLS refuses it
+    status, detail = post(f"https://127.0.0.1:{port}/hook", b"{}", {}, allow_private=True, tls=tls)
+    assert status is None and "CERTIFICATE_VERIFY_FAILED" in detail
+    # and a certificate from a CA nobody trusts: refused too (the system's roots)
+    status, detail = post(f"https://localhost:{port}/hook", b"{}", {}, allow_private=True)
+    assert status is None and "CERTIFICATE_VERIFY_FAILED" in detail
+    assert len(got) == 1

@@ -67,7 +67,7 @@ def api_server(request, make_backend):
     engine.dispose()
 
 
-def _no_network(host: str, port: int, allow_private: bool) -> str:
+def _no_network(host: str, port: int, allow_private: bool) -> list[str]:
     raise OSError(f"no lookups of {host!r} from the tests")
 
 
