@@ -10,7 +10,6 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,39 +17,7 @@ from cloud.bus.kafka import KafkaBus
 from cloud.db import repo, session_factory
 from cloud.notifier import BlockedAddress, Notifier, check_url, resolve
 from cloud.settings import Topics, load
-
-
-class Receiver:
-    """An HTTP endpoint on loopback that records every POST and answers with ``statuses`` in turn (then 200)."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.statuses: list[int] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                          "status": status})
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def bodies(self, path: str) -> list[dict]:
-        return [json.loads(r["body"]) for r in self.requests if r["path"] == path]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.webhook_receiver import Receiver
 
 
 class Rig:
@@ -261,7 +228,7 @@ def test_the_first_address_that_accepts_a_connection_is_used(rig):
 
     from cloud.notifier import _connect
 
-    port = int(rig.receiver.url.rsplit(":", 1)[1])
+    port = rig.receiver.port
     conn = _connect(["::1", "127.0.0.1"], port, None, ssl.create_default_context())
     try:
         assert conn.sock.getpeername()[0] == "127.0.0.1"
@@ -290,42 +257,27 @@ def tls_endpoint(tmp_path):
     from cloud.ca import make_ca
 
     files = make_ca(tmp_path / "ca", hosts=("localhost",), ips=())
-    got = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            got.append((self.headers.get("Host"), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(202)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(files.server_crt, files.server_key)
-    httpd.socket = server_tls.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    client_tls = ssl.create_default_context(cafile=str(files.ca_crt))
-    yield httpd.server_port, client_tls, got
-    httpd.shutdown()
-    httpd.server_close()
+    receiver = Receiver(tls=server_tls, status_for=lambda path: 202)
+    yield receiver, ssl.create_default_context(cafile=str(files.ca_crt))
+    receiver.close()
 
 
 def test_https_goes_to_the_checked_address_and_verifies_the_url_host(tls_endpoint):
     from cloud.notifier import post
 
-    port, tls, got = tls_endpoint
+    receiver, tls = tls_endpoint
+    port = receiver.port
     # the name resolves to 127.0.0.1, the connection goes there, and the certificate is checked for "localhost"
     status, detail = post(f"https://localhost:{port}/hook", b"{}", {"Content-Type": "application/json"},
                           allow_private=True, tls=tls)
     assert (status, detail) == (202, "HTTP 202")
-    assert got == [(f"localhost:{port}", b"{}")]
+    assert [(r["headers"]["Host"], r["body"]) for r in receiver.requests] == [(f"localhost:{port}", b"{}")]
     # the same server under its address: the certificate does not name 127.0.0.1, so TLS refuses it
     status, detail = post(f"https://127.0.0.1:{port}/hook", b"{}", {}, allow_private=True, tls=tls)
     assert status is None and "CERTIFICATE_VERIFY_FAILED" in detail
     # and a certificate from a CA nobody trusts: refused too (the system's roots)
     status, detail = post(f"https://localhost:{port}/hook", b"{}", {}, allow_private=True)
     assert status is None and "CERTIFICATE_VERIFY_FAILED" in detail
-    assert len(got) == 1
+    assert len(receiver.requests) == 1

@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from cloud.db import repo
 from cloud.db.models import Telemetry, Tenant
 from cloud.nativestack import free_port
 from cloud.sim import SimulatedDevice, device_config
+from tests.webhook_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,7 @@ def no_process_in(directory: Path) -> list[int]:
 
 def test_slice_embedded_profile(tmp_path):
     web_port, mqtt_port = free_port(), free_port()
-    receiver = WebhookReceiver()
+    receiver = Receiver()
     data_dir = tmp_path / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in list(env):
@@ -163,8 +163,8 @@ def test_slice_embedded_profile(tmp_path):
                                                                     f"/api/v1/devices/{d}/latest")[1].get("t"), 30)
         # README: warming an emulated sensor raises the demo's first rule, and the alarm reaches a webhook
         (data_dir / "devices" / "demo-2" / "sensor_env.json").write_text('{"t": 31.5}')
-        wait_for("demo-2's alarm at the webhook", lambda: [json.loads(b) for b, _ in receiver.posts], 60)
-        event = json.loads(receiver.posts[0][0])
+        wait_for("demo-2's alarm at the webhook", lambda: receiver.requests, 60)
+        event = receiver.bodies("/demo")[0]
         assert (event["device"], event["rule"], event["state"]) == ("demo-2", "too-hot", "raised")
         # the dashboard answers a logged-out browser with the login page
         with urllib.request.urlopen(base + "/login", timeout=10) as response:
@@ -202,36 +202,9 @@ def e2e_database(postgres):
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-class WebhookReceiver:
-    """An HTTP endpoint on loopback that keeps every POST's body and signature header."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        posts = self.posts = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                posts.append((self.rfile.read(int(self.headers["Content-Length"])),
-                              self.headers.get("X-IoT-Signature")))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_database):
     run_id = f"e2e{int(time.time())}"
-    receiver = WebhookReceiver()
+    receiver = Receiver()
     web_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
     env.update({
@@ -301,8 +274,8 @@ def test_slice_production_profile(tmp_path, mosquitto, kafka, redis, e2e_databas
         cached = redis_lib.Redis.from_url(redis.url).hgetall(f"iot:latest:{device_id}")
         assert cached, "latest values are not in Redis"
         # the alarm, from the device through bridge, Kafka, alarm service, Kafka and notifier to the webhook
-        wait_for("the alarm at the webhook", lambda: receiver.posts, 60, diagnostics)
-        body, signature = receiver.posts[0]
+        wait_for("the alarm at the webhook", lambda: receiver.requests, 60, diagnostics)
+        body, signature = receiver.requests[0]["body"], receiver.requests[0]["headers"]["X-IoT-Signature"]
         event = json.loads(body)
         assert (event["device"], event["rule"], event["state"], event["severity"]) == \
             (device_id, "e2e-hot", "raised", "critical")

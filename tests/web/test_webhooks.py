@@ -7,14 +7,13 @@ import hashlib
 import hmac
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from cloud import db
 from cloud.db import repo
 from tests.web.conftest import login
+from tests.webhook_receiver import Receiver
 
 
 def test_create_list_delete(world):
@@ -82,27 +81,13 @@ def test_admin_page_adds_and_deletes_a_webhook(world):
 
 @pytest.fixture
 def receiver():
-    got = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            got.append((self.path, dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(404 if self.path == "/missing" else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}", got
-    httpd.shutdown()
-    httpd.server_close()
+    endpoint = Receiver(status_for=lambda path: 404 if path == "/missing" else 200)
+    yield endpoint
+    endpoint.close()
 
 
 def test_send_test_event(world, receiver, monkeypatch):
-    url, got = receiver
+    url = receiver.url
     with db.session_factory(world.backend.engine)() as s:  # a loopback URL, as only allow_private would accept
         hook, secret = repo.create_webhook(s, world.a.id, "test me", url + "/hook")
         missing, _ = repo.create_webhook(s, world.a.id, "gone", url + "/missing")
@@ -112,12 +97,12 @@ def test_send_test_event(world, receiver, monkeypatch):
     # private addresses not allowed (the default): refused at delivery, no request made
     r = c.post(f"/api/v1/webhooks/{hook_id}/test", headers=h)
     assert r.status_code == 200 and r.json["delivered"] is False and "not a public address" in r.json["detail"]
-    assert got == []
+    assert receiver.requests == []
     iot = world.app.extensions["iot"]
     monkeypatch.setattr(iot, "settings", dataclasses.replace(iot.settings, webhook_allow_private=True))
     r = c.post(f"/api/v1/webhooks/{hook_id}/test", headers=h)
     assert r.json == {"delivered": True, "status": 200, "detail": "HTTP 200"}
-    path, headers, body = got[-1]
+    path, headers, body = (receiver.requests[-1][k] for k in ("path", "headers", "body"))
     event = json.loads(body)
     assert path == "/hook" and event["type"] == "test" and event["tenant"] == str(world.a.id)
     assert "alarm_id" not in event and headers["X-IoT-Delivery"].startswith("test.")
