@@ -83,8 +83,9 @@ class Settings:
     # the newest reading of a device whose tenant nobody watches live goes to the cache (Redis) at most this often,
     # readings of watched tenants with every batch; 0: every batch (why: cloud.writer.Writer._cache_stage)
     cache_flush_ms: int = 1000
-    # webhook URLs may name loopback, private and link-local addresses: a tenant's admin could otherwise make the
-    # notifier POST into the platform's own network (Redis, the database, cloud metadata). Tests and the demo only.
+    # whether webhook URLs may name loopback, private and link-local addresses. Off by default: a tenant's admin
+    # could otherwise make the notifier POST into the platform's own network (Redis, the database, cloud metadata).
+    # On for receivers inside a network you trust, the demo and the tests.
     webhook_allow_private: bool = False
     log_level: str = "INFO"
 
