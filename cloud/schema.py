@@ -57,6 +57,7 @@ COMMAND_STATE_RANK = {"queued": 0, "sent": 1, "delivered": 2, "failed": 2, "expi
 STATUS_STATES = ("online", "offline")
 ALARM_STATES = ("raised", "acknowledged", "cleared")
 SEVERITIES = ("critical", "major", "minor", "warning")
+SEVERITY_RANK = {s: len(SEVERITIES) - i for i, s in enumerate(SEVERITIES)}  # critical 4 .. warning 1
 
 
 class Rejected(ValueError):

@@ -67,7 +67,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from cloud import schema
-from cloud.bus import Bus, BusError, Record
+from cloud.bus import Bus, BusError, Record, produce_until_confirmed
 from cloud.db import maintenance, repo
 from cloud.db.models import Command, Device, DeviceBoot, Telemetry, Telemetry1h, Telemetry1m
 from cloud.service import raise_gc_threshold
@@ -1047,34 +1047,14 @@ class Writer:
 
     # --- after the commit -------------------------------------------------------------------------------------
     def _send_dead_letters(self, rejected: list[tuple[Record, str]], stop: threading.Event) -> bool:
-        if not rejected:
-            return True
-        errors: list[Exception] = []
-
-        def delivered(err, _record):
-            if err is not None:
-                errors.append(err)
-
         for record, reason in rejected:
             DEAD_LETTERS.labels(_reason_label(reason)).inc()
             log.info("writer: dead letter from %s (key %s): %s", record.topic, record.key, reason)
-            self.producer.produce(self.topics.deadletter, record.key,
-                                  schema.dead_letter(record.topic, record.value, reason, key=record.key),
-                                  headers={"source": "writer", "reason": reason[:200]}, on_delivery=delivered)
-        delay = BACKOFF_MIN_S
-        while self.producer.flush(10) > 0 or errors:
-            if stop.is_set():
-                return False
-            if errors:  # could not be delivered: produce again (a duplicate dead letter beats a lost one)
-                log.warning("writer: dead-letter delivery failed (%s); retrying", errors[0])
-                errors.clear()
-                time.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
-                for record, reason in rejected:
-                    self.producer.produce(self.topics.deadletter, record.key,
-                                          schema.dead_letter(record.topic, record.value, reason, key=record.key),
-                                          headers={"source": "writer"}, on_delivery=delivered)
-        return True
+        return produce_until_confirmed(self.producer, [
+            (self.topics.deadletter, record.key,
+             schema.dead_letter(record.topic, record.value, reason, key=record.key),
+             {"source": "writer", "reason": reason[:200]}) for record, reason in rejected],
+            stop, "writer", (BACKOFF_MIN_S, BACKOFF_MAX_S))
 
     def _cache_stage(self, outcomes: queue.SimpleQueue) -> None:
         """The cache thread: each stored batch's outcome, with any that queued behind it, into the cache, until

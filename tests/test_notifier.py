@@ -15,8 +15,10 @@ import pytest
 
 from cloud.bus.kafka import KafkaBus
 from cloud.db import repo, session_factory
-from cloud.notifier import BlockedAddress, Notifier, check_url, resolve
+from cloud.notifier import Notifier
 from cloud.settings import Topics, load
+from cloud.webhooks import BlockedAddress, check_url, resolve
+from tests.polling import wait_until
 from tests.webhook_receiver import Receiver
 
 
@@ -98,15 +100,6 @@ def rig(kafka, make_backend, request):
     engine.dispose()
 
 
-def wait_for(predicate, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_events_reach_the_tenants_webhooks_signed_and_filtered_by_severity(rig):
     _, secret = rig.webhook(rig.tenant, "/all")
     rig.webhook(rig.tenant, "/critical", "critical")
@@ -114,7 +107,7 @@ def test_events_reach_the_tenants_webhooks_signed_and_filtered_by_severity(rig):
     rig.start()
     major = rig.alarm(rig.tenant, "major")
     critical = rig.alarm(rig.tenant, "critical", "cleared")
-    assert wait_for(lambda: len(rig.receiver.bodies("/all")) == 2 and rig.receiver.bodies("/critical"))
+    assert wait_until(lambda: len(rig.receiver.bodies("/all")) == 2 and rig.receiver.bodies("/critical"))
     time.sleep(0.5)  # nothing more arrives
     assert sorted(e["alarm_id"] for e in rig.receiver.bodies("/all")) == sorted([major["alarm_id"],
                                                                                  critical["alarm_id"]])
@@ -134,7 +127,7 @@ def test_a_failing_endpoint_is_retried_then_dead_lettered_and_paused(rig):
     rig.receiver.statuses = [503, 500]  # two failures, then the third attempt succeeds
     notifier = rig.start()
     first = rig.alarm(rig.tenant)
-    assert wait_for(lambda: len(rig.receiver.bodies("/flaky")) == 3)
+    assert wait_until(lambda: len(rig.receiver.bodies("/flaky")) == 3)
     assert rig.dead_letters(0, timeout=1) == []
     rig.receiver.statuses = [500, 502, 504]  # three failures: the delivery ends without success
     second = rig.alarm(rig.tenant)
@@ -176,12 +169,12 @@ def test_nothing_is_committed_before_it_ended_so_a_restart_sends_again(rig):
     rig.receiver.statuses = [500] * 100  # never delivered while the first notifier runs
     rig.start(retry_delays=(30.0, 30.0))  # still waiting to try again when it is stopped
     event = rig.alarm(rig.tenant)
-    assert wait_for(lambda: len(rig.receiver.bodies("/slow")) >= 1)
+    assert wait_until(lambda: len(rig.receiver.bodies("/slow")) >= 1)
     rig.stop_all()  # stops between attempts: the batch is not committed
     assert rig.dead_letters(0, timeout=1) == []
     rig.receiver.statuses = []
     rig.start()  # the same group: the event comes again and is delivered
-    assert wait_for(lambda: any(r["status"] == 200 and json.loads(r["body"]) == event
+    assert wait_until(lambda: any(r["status"] == 200 and json.loads(r["body"]) == event
                                 for r in rig.receiver.requests))
     assert rig.dead_letters(0, timeout=1) == []
 
@@ -193,7 +186,7 @@ def test_a_webhook_added_while_running_is_used(rig):
     rig.webhook(rig.tenant, "/late")
     time.sleep(0.3)
     event = rig.alarm(rig.tenant)
-    assert wait_for(lambda: rig.receiver.bodies("/late") == [event])
+    assert wait_until(lambda: rig.receiver.bodies("/late") == [event])
 
 
 @pytest.mark.parametrize("url, message", [
@@ -226,7 +219,7 @@ def test_the_first_address_that_accepts_a_connection_is_used(rig):
     """A name with an IPv6 and an IPv4 address may answer on one only: the receiver listens on 127.0.0.1 alone."""
     import ssl
 
-    from cloud.notifier import _connect
+    from cloud.webhooks import _connect
 
     port = rig.receiver.port
     conn = _connect(["::1", "127.0.0.1"], port, None, ssl.create_default_context())
@@ -265,7 +258,7 @@ def tls_endpoint(tmp_path):
 
 
 def test_https_goes_to_the_checked_address_and_verifies_the_url_host(tls_endpoint):
-    from cloud.notifier import post
+    from cloud.webhooks import post
 
     receiver, tls = tls_endpoint
     port = receiver.port

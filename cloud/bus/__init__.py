@@ -8,9 +8,12 @@ explicitly after the work is done, and produce is asynchronous with a delivery r
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol
 
 from cloud.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Record:
@@ -125,6 +128,39 @@ class Bus(Protocol):
     def consumer(self, group: str, topics: list[str], name: str = "") -> Consumer: ...
 
     def ensure_topics(self, settings: Settings) -> None: ...
+
+
+def produce_until_confirmed(producer: Producer, records: list[tuple[str, str | None, bytes, dict[str, str] | None]],
+                            stop, who: str, backoff: tuple[float, float] = (0.2, 10.0)) -> bool:
+    """Produce ``records`` ((topic, key, value, headers) each) and wait until the bus confirmed every one; a failed
+    delivery produces them all again (a duplicate beats a loss: dead letters, for which this is used, are read by
+    people), with a backoff from ``backoff[0]`` doubling to ``backoff[1]`` seconds. False when ``stop`` (a
+    threading.Event) is set first: the caller must then not commit the input they came from."""
+    if not records:
+        return True
+    errors: list = []
+
+    def delivered(err, _record) -> None:
+        if err is not None:
+            errors.append(err)
+
+    def produce_all() -> None:
+        for topic, key, value, headers in records:
+            producer.produce(topic, key, value, headers=headers, on_delivery=delivered)
+
+    produce_all()
+    delay = backoff[0]
+    while producer.flush(10) > 0 or errors:
+        if stop.is_set():
+            return False
+        if errors:
+            log.warning("%s: delivery to the bus failed (%s); producing %d records again", who, errors[0],
+                        len(records))
+            errors.clear()
+            stop.wait(delay)
+            delay = min(delay * 2, backoff[1])
+            produce_all()
+    return True
 
 
 def from_settings(settings: Settings) -> Bus:

@@ -212,7 +212,7 @@ def revoke_api_token(session: Session, tenant_id: int, token_id: int) -> ApiToke
 def create_webhook(session: Session, tenant_id: int, name: str, url: str,
                    min_severity: str = "warning") -> tuple[Webhook, str]:
     """A new webhook and its signing secret (returned here; shown to the admin once). ``url`` must already be
-    checked (``cloud.notifier.check_url``)."""
+    checked (``cloud.webhooks.check_url``)."""
     name = (name or "").strip()
     if not name:
         raise ValueError("webhook name must not be empty")

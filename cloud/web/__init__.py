@@ -18,9 +18,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask, abort, current_app, request
 from flask.sessions import SecureCookieSessionInterface
 
+from cloud import schema
 from cloud.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ class _SessionInterface(SecureCookieSessionInterface):
     (re-signing it was a noticeable part of every page's CPU); a modified session is always sent."""
 
     def get_cookie_secure(self, app) -> bool:
-        from flask import request
         return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
 
     def open_session(self, app, request):
@@ -209,6 +209,18 @@ def release_request_session() -> None:
         s.close()
 
 
+def _unstorable_request_text() -> str | None:
+    """Why the request carries text no store can keep (NUL, lone surrogates: ``schema.unstorable_text``) in its
+    path, query, form or JSON body, or None. Every route answers that with a 400 naming the problem instead of a
+    database error (500) deep inside the request."""
+    parts: list = [request.path, list(request.args.keys()), list(request.args.values())]
+    if request.form:
+        parts += [list(request.form.keys()), list(request.form.values())]
+    if request.is_json:
+        parts.append(request.get_json(silent=True))
+    return schema.unstorable_text(parts)
+
+
 def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache: Any = None) -> Flask:
     """Build the web app. Missing collaborators are created from ``settings``."""
     from cloud import db as dbmod
@@ -254,6 +266,13 @@ def create_app(settings: Settings, *, engine: Any = None, bus: Any = None, cache
     app.extensions["iot"] = context
 
     from cloud.web import api, auth, ops, pages, ws
+
+    @app.before_request
+    def _refuse_unstorable_text():
+        # first, before anything reads the request's text: a login form's email, a token's name, an API body
+        problem = _unstorable_request_text()
+        if problem:
+            abort(400, description=f"bad text in the request: {problem}")
 
     auth.init_app(app)
     ops.init_app(app)

@@ -681,20 +681,14 @@ def webhooks():
 @login_required("admin")
 def create_webhook():
     """The signing secret is in this answer only."""
-    from cloud.notifier import check_url
-
     payload = body()
     name = _str(payload, "name")
-    url = payload.get("url")
-    try:
-        check_url(url, ctx().settings.webhook_allow_private)
-    except ValueError as exc:
-        raise BadRequest(f"field 'url': {exc}") from None
-    severity = payload.get("min_severity", "warning")
-    if severity not in schema.SEVERITIES:
-        raise BadRequest(f"min_severity must be one of {', '.join(schema.SEVERITIES)}")
     with ctx().session_factory() as s:
-        row, secret = data.create_webhook(s, _tid(), name, url, severity)
+        try:
+            row, secret = data.create_webhook(s, _tid(), name, payload.get("url"),
+                                              payload.get("min_severity", "warning"), ctx().settings)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return jsonify({**ser.webhook(row), "secret": secret}), 201
 
 

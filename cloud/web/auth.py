@@ -106,6 +106,12 @@ def _session_principal() -> Principal | None:
                      credential=session["pw"])
 
 
+def _too_many(wait: float) -> tuple[str, int]:
+    """The answer to an attempt the login limit refused: (message, Retry-After seconds)."""
+    retry_after = max(1, math.ceil(wait))
+    return f"Too many failed attempts. Try again in {retry_after} s.", retry_after
+
+
 def change_own_password(p: Principal, current: str, new: str) -> tuple[str, int, int] | None:
     """Change the signed-in user's password. None when done (this session carries on with the new password, the
     user's other sessions end), else (message, HTTP status, Retry-After seconds or 0). A wrong current password
@@ -116,8 +122,8 @@ def change_own_password(p: Principal, current: str, new: str) -> tuple[str, int,
     limiter = ctx().limiter
     ticket, wait = limiter.begin(ip, p.email)
     if ticket is None:
-        retry_after = max(1, math.ceil(wait))
-        return f"Too many failed attempts. Try again in {retry_after} s.", 429, retry_after
+        message, retry_after = _too_many(wait)
+        return message, 429, retry_after
     with ctx().session_factory() as s:
         user = change(s, p.user_id, current, new)
         if user is None:  # the slot stays taken: a failed attempt
@@ -154,20 +160,6 @@ def load_principal() -> None:
     g.principal = _session_principal()
 
 
-def unstorable_request_text() -> str | None:
-    """Why the request carries text no store can keep (NUL, lone surrogates: ``schema.unstorable_text``), in its
-    path, query, form or JSON body; None when it does not. Every route answers that with a 400 naming the problem,
-    instead of a database error (500) deep inside the request: a login form's email, a token's name, an API body."""
-    from cloud import schema
-
-    parts: list = [request.path, list(request.args.keys()), list(request.args.values())]
-    if request.form:
-        parts += [list(request.form.keys()), list(request.form.values())]
-    if request.is_json:
-        parts.append(request.get_json(silent=True))
-    return schema.unstorable_text(parts)
-
-
 def check_csrf():
     if request.method not in UNSAFE or g.get("bearer"):
         return None
@@ -185,9 +177,6 @@ def init_app(app) -> None:
             return None
         if request.path in ("/healthz", "/metrics"):
             return None
-        problem = unstorable_request_text()
-        if problem:
-            return _error(400, f"bad text in the request: {problem}")
         load_principal()
         if request.path == "/ws":
             release_request_session()
@@ -238,8 +227,7 @@ def login():
         limiter = ctx().limiter
         ticket, wait = limiter.begin(ip, email)  # takes the attempt's slot; refused: nothing is checked
         if ticket is None:
-            retry_after = max(1, math.ceil(wait))
-            error = f"Too many failed attempts. Try again in {retry_after} s."
+            error, retry_after = _too_many(wait)
             if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
                 response = make_response(jsonify(error=error, retry_after=retry_after), 429)
             else:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import ARRAY, String, func, literal, or_, select, true
 
+from cloud import webhooks
 from cloud.db import repo
 from cloud.db.models import ROLLUPS, Alarm, ApiToken, Device, Telemetry, User
 
@@ -295,7 +296,12 @@ def list_webhooks(s, tenant_id: int):
     return repo.list_webhooks(s, tenant_id)
 
 
-def create_webhook(s, tenant_id: int, name: str, url: str, min_severity: str):
+def create_webhook(s, tenant_id: int, name: str, url: Any, min_severity: Any, settings):
+    """A new webhook and its secret; ValueError saying what is wrong with the name, the URL or the severity."""
+    try:
+        webhooks.check_url(url, settings.webhook_allow_private)
+    except ValueError as exc:
+        raise ValueError(f"field 'url': {exc}") from None
     row, secret = repo.create_webhook(s, tenant_id, name, url, min_severity)
     s.commit()
     return row, secret
@@ -303,12 +309,10 @@ def create_webhook(s, tenant_id: int, name: str, url: str, min_severity: str):
 
 def test_webhook(s, tenant_id: int, webhook_id: int, allow_private: bool) -> dict[str, Any]:
     """Send the webhook a signed test event now: ``{"delivered", "status", "detail"}``."""
-    from cloud.notifier import send_test_event
-
     row = repo.get_webhook(s, tenant_id, webhook_id)
     url, secret = row.url, row.secret
-    s.rollback()  # no transaction held open while the request goes out (up to the notifier's timeout)
-    delivered, status, detail = send_test_event(url, secret, tenant_id, allow_private)
+    s.rollback()  # no transaction held open while the request goes out (up to the webhook timeout)
+    delivered, status, detail = webhooks.send_test_event(url, secret, tenant_id, allow_private)
     return {"delivered": delivered, "status": status, "detail": detail}
 
 

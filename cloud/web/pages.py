@@ -402,21 +402,14 @@ def account_password():
 @bp.post("/admin/webhooks")
 @login_required("admin")
 def add_webhook():
-    from cloud.notifier import check_url
-
-    name = (request.form.get("name") or "").strip()[:120]
-    url = (request.form.get("url") or "").strip()
-    severity = request.form.get("min_severity") or "warning"
-    try:
-        check_url(url, ctx().settings.webhook_allow_private)
-    except ValueError as exc:
-        flash(f"Webhook URL: {exc}.", "error")
-        return _admin_page(), 400
-    if not name or severity not in schema.SEVERITIES:
-        flash("A webhook needs a name and a severity.", "error")
-        return _admin_page(), 400
     with ctx().session_factory() as s:
-        row, secret = data.create_webhook(s, _tid(), name, url, severity)
+        try:
+            row, secret = data.create_webhook(s, _tid(), request.form.get("name") or "",
+                                              (request.form.get("url") or "").strip(),
+                                              request.form.get("min_severity") or "warning", ctx().settings)
+        except ValueError as exc:
+            flash(f"Webhook not added: {exc}.", "error")
+            return _admin_page(), 400
         issued_webhook = {"name": row.name, "url": row.url, "secret": secret}
     return _admin_page(issued_webhook=issued_webhook)
 

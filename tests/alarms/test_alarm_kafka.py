@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
+
+from tests.polling import wait_until
 
 HOT = {"name": "hot", "metric": "t", "max": 30, "hysteresis": 1, "severity": "critical"}
 SILENT = {"name": "silent", "kind": "nodata", "nodata_s": 600}
-
-
-def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_kafka_crossing_ack_and_clear(kafka_rig):
@@ -33,7 +25,7 @@ def test_kafka_crossing_ack_and_clear(kafka_rig):
     rig.producer.produce(rig.topics.alarms, "d1", json.dumps(ack).encode())
     rig.producer.flush(10)
     svc = rig.instances[0][0]
-    assert _wait(lambda: svc.engine.active_alarms() and svc.engine.active_alarms()[0]["state"] == "acknowledged")
+    assert wait_until(lambda: svc.engine.active_alarms() and svc.engine.active_alarms()[0]["state"] == "acknowledged")
     rig.send("d1", 3, 20, t=20)
     events = rig.collect(until=2)
     assert [e["state"] for e in events] == ["raised", "cleared"]
@@ -68,11 +60,11 @@ def test_kafka_crash_after_snapshot_before_commit_replays_idempotently(kafka_rig
     rig.send("d1", 1, 0, t=25)
     rig.send("d1", 2, 10, t=35)
     assert [e["state"] for e in rig.collect(until=1)] == ["raised"]
-    assert _wait(lambda: a.engine.counts["checkpoints"] >= 1 and not a.engine.dirty)
+    assert wait_until(lambda: a.engine.counts["checkpoints"] >= 1 and not a.engine.dirty)
     rig.stop(a)
     b = rig.start()  # replays both readings from offset 0 against the restored state
     rig.wait_assigned()
-    assert _wait(lambda: b.engine.counts["duplicates"] == 2)
+    assert wait_until(lambda: b.engine.counts["duplicates"] == 2)
     rig.send("d1", 3, 20, t=36)
     rig.send("d1", 4, 30, t=20)
     events = rig.collect(until=2)

@@ -10,6 +10,7 @@ import pytest
 
 from cloud.alarms import AlarmService, validate_rule
 from cloud.alarms.engine import SOURCE_HEADER
+from tests.polling import wait_until
 
 
 @pytest.mark.parametrize("rule,message", [
@@ -45,15 +46,6 @@ def test_valid_rules_are_normalized():
     assert validate_rule({"name": "gone", "kind": "offline"})["metric"] == "status"
     assert validate_rule({"name": "q", "kind": "nodata", "nodata_s": 30})["nodata_s"] == 30
     assert validate_rule({"name": "r", "kind": "rate", "metric": "p", "rate_per_min": 1.5})["rate_per_min"] == 1.5
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
@@ -102,7 +94,7 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
                 events.extend(json.loads(r.value) for r in out.poll_batch(100, 0.05)
                               if r.headers.get(SOURCE_HEADER) == "alarms")
                 return len(events) >= n
-            return _wait(got, timeout)
+            return wait_until(got, timeout)
 
         send("d1", 35)
         send("d2", 35)
@@ -116,7 +108,7 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
             rule.max = 40.0
             s.commit()
         started = time.monotonic()
-        assert _wait(lambda: svc.rules.current.rules_for("d1")[0].max == 40.0, 5)
+        assert wait_until(lambda: svc.rules.current.rules_for("d1")[0].max == 40.0, 5)
         assert time.monotonic() - started < 3
         send("d1", 35)
         assert collect(2)
@@ -131,7 +123,7 @@ def test_service_on_memory_bus_with_rules_from_sqlite(tmp_path):
             collect(3, 0.2)
             return any(e["device"] == "d3" for e in events)
         started = time.monotonic()
-        assert _wait(d3_raised, 10)
+        assert wait_until(d3_raised, 10)
         assert time.monotonic() - started < 6
     finally:
         stop.set()

@@ -60,7 +60,7 @@ def api_server(request, make_backend):
         # generated webhooks name generated hosts, and "send a test event" would look them up and call them:
         # tests send nothing off this machine, so every address lookup fails here (the API answers 200, delivered
         # false, which is what it answers for an unreachable endpoint)
-        patch.setattr("cloud.notifier.resolve", _no_network)
+        patch.setattr("cloud.webhooks.resolve", _no_network)
         yield server
     server.stop()
     app.extensions["iot"].hub.close()
